@@ -1,0 +1,143 @@
+"""The small interface the probe asks of a parallelism (local, DDP, FSDP2, ZeRO-3).
+
+The probe never imports torch.distributed, FSDP or DeepSpeed: it asks a backend for
+this rank's part of a gradient or a weight, and for the few collectives it needs.
+Every "local" tensor below is this rank's part of one prunable weight:
+
+* ``layout="full"``: the whole weight (single process, DDP: replicated on every rank);
+* ``layout="rows"``: rows ``[start, stop)`` of dim 0 (FSDP2 ``Shard(0)``);
+* ``layout="flat"``: elements ``[start, stop)`` of ``weight.flatten()`` (ZeRO-3 partitions).
+
+Statistics, tentative masks, saved originals and decisions all live in that local shape.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class LocalSlice:
+    """Where this rank's local tensor sits inside the full weight."""
+
+    full_shape: torch.Size
+    layout: Literal["full", "rows", "flat"]
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def full_numel(self) -> int:
+        return int(torch.Size(self.full_shape).numel())
+
+    def flat_range(self) -> tuple[int, int]:
+        """[start, stop) of the local part in ``weight.flatten()`` order."""
+        if self.layout == "full":
+            return 0, self.full_numel
+        if self.layout == "flat":
+            return self.start, self.stop
+        row = self.full_numel // self.full_shape[0] if self.full_shape[0] else 0
+        return self.start * row, self.stop * row
+
+
+class Backend(ABC):
+    """Gradients, weights and collectives for one parallel mode."""
+
+    name: str = "base"
+    #: True when every rank holds the whole weight (counts must not be summed over ranks).
+    replicated: bool = True
+
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | str | None = None):
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- model ---------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, model: nn.Module, param_names: list[str]) -> nn.Module:
+        """Place/wrap ``model`` for this mode; return the module to call forward on.
+
+        ``param_names`` are the prunable weights (names in the unwrapped model); only
+        those need gradients. Called once per probe; ``release`` undoes temporary state.
+        """
+
+    def release(self) -> None:
+        """Undo temporary wrapping done by ``prepare`` where the mode allows it."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of the local micro-batch loss; afterwards local grads are rank-averaged."""
+
+    @abstractmethod
+    def zero_grad(self) -> None:
+        """Drop the gradients of the last backward."""
+
+    @abstractmethod
+    def local_grad(self, name: str) -> torch.Tensor | None:
+        """This rank's part of the rank-averaged gradient of weight ``name`` (None: no grad)."""
+
+    @abstractmethod
+    def local_weight(self, name: str) -> torch.Tensor:
+        """This rank's part of weight ``name``; in-place edits under ``no_grad`` are seen by
+        the next forward once ``commit_weights`` has been called."""
+
+    @abstractmethod
+    def local_slice(self, name: str) -> LocalSlice:
+        """How ``local_weight(name)`` maps into the full weight."""
+
+    def commit_weights(self, names: list[str]) -> None:
+        """Make in-place edits of local weights durable and visible (ZeRO-3 needs this)."""
+
+    # -- collectives (no-ops for one process) ---------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce (``sum``, ``max`` or ``min``); returns ``tensor``."""
+        return tensor
+
+    def sum_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a per-rank count over the shards of the weights (identity when replicated)."""
+        if self.replicated:
+            return tensor
+        return self.all_reduce(tensor, "sum")
+
+    def gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor | None:
+        """Assemble the full-shape tensor of weight ``name`` from every rank's ``local``
+        part (same layout as ``local_weight``) on the main rank; other ranks get None.
+        Called one layer at a time, so memory stays bounded by the largest layer."""
+        return local.reshape(self.local_slice(name).full_shape) if self.is_main else None
+
+    def scatter_full(self, name: str, full: torch.Tensor | None) -> torch.Tensor:
+        """Inverse of ``gather_full``: the main rank's full tensor, cut to this rank's part."""
+        assert full is not None
+        return full
+
+    def select_smallest(self, scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+        """Exactly ``k`` smallest over all tensors and ranks (see ``distributed.select``);
+        replicated backends select locally, since every rank holds the same tensors."""
+        from ..distributed import select
+
+        return select.select_smallest(scores, k, group=self._selection_group())
+
+    def select_smallest_each(self, scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
+        """Per tensor i, exactly ``ks[i]`` smallest over that tensor's shards."""
+        from ..distributed import select
+
+        return select.select_smallest_each(scores, ks, group=self._selection_group())
+
+    def _selection_group(self):
+        from ..distributed import select
+
+        return getattr(select, "LOCAL", None) if self.replicated else None  # TODO-LEAD
+
+    def broadcast_object(self, obj):
+        """The main rank's ``obj`` on every rank."""
+        return obj
+
+    def barrier(self) -> None:
+        pass

@@ -1,0 +1,58 @@
+"""Which parameters are prunable: by default the weights of Linear and Conv layers.
+
+Biases and norm parameters are never pruned by default; embeddings and an output head
+(tied to an embedding, returned by ``get_output_embeddings()``, or named ``lm_head``) are
+excluded, as Wanda and SparseGPT do. ``include``/``exclude`` take fnmatch patterns on
+parameter names: ``include`` replaces the default candidates, ``exclude`` removes names.
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+import torch.nn as nn
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+DEFAULT_EXCLUDE = ("lm_head.*", "*.lm_head.*")
+
+
+def find_prunable(model: nn.Module, include: list[str] | None = None,
+                  exclude: list[str] | None = None) -> dict[str, nn.Module]:
+    """Map each prunable parameter name to the module that owns it, in model order."""
+    owners = {}
+    for module_name, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owners[f"{module_name}.{pname}" if module_name else pname] = module
+    names = [n for n, _ in model.named_parameters()]  # de-duplicates tied parameters
+    if include:
+        chosen = [n for n in names if any(fnmatch(n, pat) for pat in include)]
+    else:
+        heads = _output_heads(model)
+        chosen = [n for n in names if n.endswith("weight") and isinstance(owners[n], PRUNABLE_TYPES)
+                  and id(owners[n]) not in heads]
+    patterns = list(DEFAULT_EXCLUDE) + list(exclude or [])
+    chosen = [n for n in chosen if not any(fnmatch(n, pat) for pat in patterns)]
+    if not chosen:
+        raise ValueError(
+            "the model has no prunable parameters: by default only the weights of nn.Linear "
+            "and nn.Conv1d/2d/3d layers are pruned (embeddings and the output head are "
+            f"excluded; include={include}, exclude={exclude}); pass include=['pattern*'] to "
+            "choose parameters by name")
+    return {n: owners[n] for n in chosen}
+
+
+def _output_heads(model: nn.Module) -> set[int]:
+    """ids of modules that act as the LM output head (tied to an embedding or declared)."""
+    heads = set()
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and id(m.weight) in embedding_weights:
+            heads.add(id(m))
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except (NotImplementedError, AttributeError):
+            out = None
+        if isinstance(out, nn.Module):
+            heads.add(id(out))
+    return heads

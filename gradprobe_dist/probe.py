@@ -1,0 +1,331 @@
+"""GradProbe: prune the weights whose gradient does not fight back when they shrink.
+
+1. Baseline pass: ``num_batches`` calibration batches, forward + backward; fold each
+   prunable weight's (rank-averaged) gradient into a statistic.
+2. The strategy tentatively selects ``sparsity`` of the weights.
+3. Selected weights are scaled to ``reduction_factor`` x value (their originals saved).
+4. The same batches, replayed in the same order, give the statistic again.
+5. A selected weight is pruned (exactly 0) if ``new <= old * (1 + gradient_threshold)``,
+   otherwise restored bit-exactly from the saved original. Unselected weights never change.
+
+The algorithm is written once; where gradients and weights live (one process, DDP, FSDP2,
+ZeRO-3) is the backend's business (``gradprobe_dist.backends``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from . import statistics
+from .activations import collect_input_sq_norms
+from .backends.base import Backend
+from .backends.local import LocalBackend
+from .batches import LossOfBatch, make_loss_of_batch, take_batches, to_device
+from .decision import LayerProbe, ProbeRecord
+from .log import get_logger
+from .masking import MaskHooks, keep_pruned
+from .params import find_prunable
+from .strategies.base import PruningStrategy, SelectionContext
+from .validation import check_prune_args, check_threshold
+
+log = get_logger(__name__)
+
+
+class GradProbe:
+    """Gradient-probing pruner for any ``nn.Module``.
+
+    ``backend`` chooses the parallel mode (default: one process on ``device``).
+    ``statistic``: ``"max_abs"`` (default, as the original), ``"mean_abs"`` or ``"rms"``.
+    ``stat_dtype``/``stat_device``: precision and placement of the statistic (e.g.
+    ``torch.bfloat16`` or ``"cpu"`` to save accelerator memory). ``include``/``exclude``:
+    fnmatch patterns choosing prunable parameters (see ``gradprobe_dist.params``).
+    """
+
+    def __init__(self, model: nn.Module, strategy: PruningStrategy, device=None, *,
+                 backend: Backend | None = None, statistic: str = "max_abs",
+                 stat_dtype: torch.dtype = torch.float32, stat_device=None,
+                 include: list[str] | None = None, exclude: list[str] | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(strategy, PruningStrategy):
+            raise TypeError(f"strategy must be a PruningStrategy, got {type(strategy).__name__}")
+        statistics.check_statistic(statistic)
+        if stat_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"stat_dtype={stat_dtype} is not a float dtype: use torch.float32, "
+                             "torch.bfloat16 or torch.float16")
+        self.model = model
+        self.strategy = strategy
+        self.backend = backend if backend is not None else LocalBackend(device=device or "cpu")
+        self.device = self.backend.device
+        self.statistic = statistic
+        self.stat_dtype = stat_dtype
+        self.stat_device = torch.device(stat_device) if stat_device is not None else None
+        self.owners = find_prunable(model, include, exclude)
+        self.param_names = list(self.owners)
+        self.masks: dict[str, torch.Tensor] = {}
+        self._mask_hooks: MaskHooks | None = None
+
+    # -- public API --------------------------------------------------------------------------
+    def prune(self, dataloader: Iterable, loss_fn: Callable | None = None, sparsity: float = 0.5,
+              num_batches: int = 10, reduction_factor: float = 0.1,
+              gradient_threshold: float = 0.0, verbose: bool = False, *,
+              compute_loss: LossOfBatch | None = None) -> dict[str, torch.Tensor]:
+        """Probe and prune in place; returns masks (True = pruned) keyed by parameter name.
+
+        Masks have the local shape of each weight (the full shape unless the backend shards).
+        ``compute_loss(model, batch) -> loss`` replaces the default batch handling.
+        """
+        check_prune_args(sparsity, num_batches, reduction_factor, gradient_threshold)
+        record = self.probe(dataloader, loss_fn, sparsity, num_batches, reduction_factor,
+                            verbose, compute_loss=compute_loss)
+        self.masks = self.apply_decisions(record, gradient_threshold)
+        if verbose:
+            self._report(record, gradient_threshold, sparsity)
+        return self.masks
+
+    def sweep_gradient_thresholds(self, dataloader: Iterable, loss_fn: Callable | None,
+                                  eval_fn: Callable[[nn.Module], float], sparsity: float = 0.5,
+                                  thresholds: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.5),
+                                  num_batches: int = 10, verbose: bool = False, *,
+                                  reduction_factor: float = 0.1,
+                                  compute_loss: LossOfBatch | None = None) -> dict[str, list]:
+        """One probe, then every threshold decided from the stored statistics and evaluated.
+
+        Returns ``{'thresholds', 'sparsities', 'weights_pruned', 'metrics'}``; the model is
+        left exactly as it was before the sweep.
+        """
+        check_prune_args(sparsity, num_batches, reduction_factor, 0.0)
+        thresholds = list(thresholds)
+        if not thresholds:
+            raise ValueError("thresholds is empty: pass e.g. [0.0, 0.1, 0.2]")
+        for t in thresholds:
+            check_threshold(t)
+        record = self.probe(dataloader, loss_fn, sparsity, num_batches, reduction_factor,
+                            verbose, compute_loss=compute_loss)
+        results = {"thresholds": thresholds, "sparsities": [], "weights_pruned": [], "metrics": []}
+        try:
+            for t in thresholds:
+                masks = self.apply_decisions(record, t)
+                results["weights_pruned"].append(self._global_count(masks))
+                results["sparsities"].append(self.get_sparsity())
+                results["metrics"].append(eval_fn(self.model))
+                self._restore(record)
+                if verbose and self.backend.is_main:
+                    log.info("threshold %.4g: sparsity %.2f%%, metric %s", t,
+                             100 * results["sparsities"][-1], results["metrics"][-1])
+        finally:
+            self._restore(record)
+        return results
+
+    def get_sparsity(self) -> float:
+        """Fraction of exactly-zero entries over all prunable weights (all ranks)."""
+        counts = torch.zeros(2, dtype=torch.float64)
+        for name in self.param_names:
+            w = self.backend.local_weight(name) if self._prepared else dict(self.model.named_parameters())[name]
+            counts[0] += int((w == 0).sum())
+            counts[1] += w.numel()
+        counts = self.backend.sum_over_shards(counts)
+        return float(counts[0] / counts[1]) if counts[1] else 0.0
+
+    def apply_mask_permanently(self) -> None:
+        """Zero the pruned weights and keep them zero through later training.
+
+        Installs a gradient hook and a forward pre-hook per pruned weight (see
+        ``gradprobe_dist.masking``); ``remove_mask_hooks()`` takes them off. Under sharded
+        backends the weights are zeroed on their shards but no training hooks are added:
+        apply the saved masks in your training framework.
+        """
+        if not self.masks:
+            raise ValueError("no masks yet: call prune() before apply_mask_permanently()")
+        if self.backend.replicated:
+            self.remove_mask_hooks()
+            params = dict(self.model.named_parameters())
+            self._mask_hooks = keep_pruned(params, self.owners, self.masks)
+        else:
+            with torch.no_grad():
+                for name, mask in self.masks.items():
+                    self.backend.local_weight(name).masked_fill_(mask, 0)
+            self.backend.commit_weights(self.param_names)
+
+    def remove_mask_hooks(self) -> None:
+        if self._mask_hooks is not None:
+            self._mask_hooks.remove()
+            self._mask_hooks = None
+
+    # -- the probe ---------------------------------------------------------------------------
+    @property
+    def _prepared(self) -> bool:
+        return getattr(self, "_wrapped", None) is not None
+
+    def probe(self, dataloader: Iterable, loss_fn: Callable | None, sparsity: float,
+              num_batches: int, reduction_factor: float, verbose: bool = False, *,
+              compute_loss: LossOfBatch | None = None) -> ProbeRecord:
+        """Run both gradient passes; return what they measured. The weights end unchanged."""
+        check_prune_args(sparsity, num_batches, reduction_factor, 0.0)
+        batches = take_batches(dataloader, num_batches)
+        loss_of = make_loss_of_batch(loss_fn, compute_loss)
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()  # dropout off: both passes must see the same function
+        self._wrapped = self.backend.prepare(self.model, self.param_names)
+        self.backend.zero_grad()  # gradients left by earlier training must not leak in
+        try:
+            with collect_input_sq_norms(self.owners if self.strategy.needs_activations else {}) as norms:
+                baseline = self._gradient_pass(batches, loss_of, "baseline", verbose)
+            context = self._selection_context(norms)
+            tentative = self._checked_masks(self.strategy.select(context, sparsity))
+            layers = self._scale_selected(tentative, baseline, reduction_factor)
+            record = ProbeRecord(layers)
+            try:
+                reduced = self._gradient_pass(batches, loss_of, "reduced", verbose)
+            finally:
+                self._restore(record)
+            for name, layer in layers.items():
+                layer.new = reduced.pop(name)[layer.tentative.to(self._stat_device(name))]
+            return record
+        finally:
+            for module, training in modes.items():
+                module.training = training
+            self.backend.zero_grad()
+            self.backend.release()
+
+    def apply_decisions(self, record: ProbeRecord, gradient_threshold: float) -> dict[str, torch.Tensor]:
+        """Zero the redundant selected weights, restore the others exactly; return the masks."""
+        with torch.no_grad():
+            for name, layer in record.layers.items():
+                w = self.backend.local_weight(name)
+                w[layer.tentative] = layer.decided_values(gradient_threshold).to(w.device)
+        self.backend.commit_weights(self.param_names)
+        return record.masks(gradient_threshold)
+
+    def _restore(self, record: ProbeRecord) -> None:
+        with torch.no_grad():
+            for name, layer in record.layers.items():
+                w = self.backend.local_weight(name)
+                w[layer.tentative] = layer.originals
+        self.backend.commit_weights(self.param_names)
+
+    def _stat_device(self, name: str) -> torch.device:
+        return self.stat_device or self.backend.local_weight(name).device
+
+    def _gradient_pass(self, batches: list, loss_of: LossOfBatch, label: str,
+                       verbose: bool) -> dict[str, torch.Tensor]:
+        backend = self.backend
+        acc = {n: statistics.new_accumulator(backend.local_weight(n), self.stat_dtype,
+                                             self._stat_device(n)) for n in self.param_names}
+        bar = tqdm(batches, desc=f"{label} pass", disable=not (verbose and backend.is_main),
+                   leave=False)
+        for index, batch in enumerate(bar):
+            loss = loss_of(self._wrapped, to_device(batch, backend.device))
+            backend.backward(loss)
+            finite = []
+            for name in self.param_names:
+                grad = backend.local_grad(name)
+                if grad is None:
+                    backend.zero_grad()
+                    raise ValueError(f"parameter {name!r} received no gradient in calibration batch "
+                                     f"{index}: the forward pass does not use it; exclude it with "
+                                     f"exclude=['{name}']")
+                finite.append(torch.isfinite(grad).all())
+                statistics.accumulate(acc[name], grad, self.statistic)
+            backend.zero_grad()
+            self._check_finite(index, label, loss, finite)
+        return {n: statistics.finalize(a, self.statistic, len(batches)) for n, a in acc.items()}
+
+    def _check_finite(self, index: int, label: str, loss: torch.Tensor, finite: list) -> None:
+        """Every rank raises the same error for the first non-finite gradient (no hang)."""
+        names = self.param_names
+        ok = torch.stack(finite).cpu() if finite else torch.ones(0, dtype=torch.bool)
+        bad_local = len(names) + 1
+        if not bool(ok.all()):
+            bad_local = int((~ok).nonzero()[0])
+        elif not bool(torch.isfinite(loss.detach()).cpu()):
+            bad_local = len(names)
+        flag = self.backend.all_reduce(torch.tensor([bad_local], dtype=torch.int64, device=self.device), "min")
+        bad = int(flag.item())
+        if bad > len(names):
+            return
+        what = f"parameter {names[bad]!r}" if bad < len(names) else "the loss"
+        raise FloatingPointError(
+            f"non-finite gradient (NaN/inf) in calibration batch {index} of the {label} pass, in "
+            f"{what} (loss on rank {self.backend.rank}: {float(loss.detach()):.4g}); the model was "
+            "left unchanged. Check that batch for NaN/inf inputs or labels; with fp16 weights "
+            "try float32/bfloat16; lower the data's scale if activations overflow")
+
+    def _selection_context(self, norms: dict[str, torch.Tensor]) -> SelectionContext:
+        backend = self.backend
+        if norms:  # every rank saw its own micro-batches: sum over ranks, in one collective
+            missing = [n for n in self.param_names if n not in norms]
+            if missing:
+                raise ValueError(f"no input reached layer {missing[0]!r} during calibration, so "
+                                 "its activation norms are unknown; exclude it")
+            flat = backend.all_reduce(torch.cat([norms[n].reshape(-1) for n in self.param_names]), "sum")
+            norms = dict(zip(self.param_names, flat.split([norms[n].numel() for n in self.param_names])))
+        return SelectionContext(
+            weights={n: backend.local_weight(n) for n in self.param_names},
+            slices={n: backend.local_slice(n) for n in self.param_names},
+            backend=backend, input_sq_norms=norms, model=self.model)
+
+    def _checked_masks(self, masks) -> dict[str, torch.Tensor]:
+        """Validate a strategy's output; masks for non-prunable parameters are ignored."""
+        if not isinstance(masks, dict):
+            raise TypeError(f"{self.strategy.get_name()}: select_weights_to_prune must return a "
+                            f"dict name -> bool mask, got {type(masks).__name__}")
+        known = {n for n, _ in self.model.named_parameters()}
+        unknown = sorted(set(masks) - known)
+        if unknown:
+            raise ValueError(f"strategy {self.strategy.get_name()!r} returned masks for unknown "
+                             f"parameters {unknown[:5]}: use names from model.named_parameters()")
+        ignored = sorted(set(masks) - set(self.param_names))
+        if ignored:
+            log.info("ignoring masks for %d non-prunable parameters (e.g. %s); choose prunable "
+                     "parameters with include=[...]", len(ignored), ignored[0])
+        checked = {}
+        for name in self.param_names:
+            w = self.backend.local_weight(name)
+            mask = masks.get(name)
+            if mask is None:
+                checked[name] = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+                continue
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"strategy {self.strategy.get_name()!r} returned a mask of dtype "
+                                f"{getattr(mask, 'dtype', type(mask).__name__)} for {name!r}: "
+                                "masks must be torch.bool tensors (True = prune)")
+            if mask.shape != w.shape:
+                raise ValueError(f"strategy {self.strategy.get_name()!r} returned a mask of shape "
+                                 f"{list(mask.shape)} for {name!r}, whose (local) weight has shape "
+                                 f"{list(w.shape)}")
+            checked[name] = mask.to(w.device)
+        return checked
+
+    def _scale_selected(self, tentative: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor],
+                        reduction_factor: float) -> dict[str, LayerProbe]:
+        """Save the selected originals, keep the baseline only where selected, scale down."""
+        layers = {}
+        with torch.no_grad():
+            for name, mask in tentative.items():
+                w = self.backend.local_weight(name)
+                originals = w[mask].clone()
+                old = baseline.pop(name)[mask.to(self._stat_device(name))]
+                layers[name] = LayerProbe(tentative=mask, old=old, originals=originals)
+                w[mask] = originals * reduction_factor
+        self.backend.commit_weights(self.param_names)
+        return layers
+
+    def _global_count(self, masks: dict[str, torch.Tensor]) -> int:
+        local = torch.tensor([sum(int(m.sum()) for m in masks.values())], dtype=torch.float64)
+        return int(self.backend.sum_over_shards(local).item())
+
+    def _report(self, record: ProbeRecord, gradient_threshold: float, target: float) -> None:
+        counts = torch.tensor([[int(l.tentative.sum()), int(m.sum())] for l, m in
+                               zip(record.layers.values(), record.masks(gradient_threshold).values())],
+                              dtype=torch.float64)
+        counts = self.backend.sum_over_shards(counts)
+        sparsity = self.get_sparsity()  # a collective: every rank calls it
+        if self.backend.is_main:
+            tentative, pruned = counts.sum(0).tolist()
+            log.info("%s: %d tentatively selected, %d pruned, %d restored; sparsity %.2f%% "
+                     "(target %.2f%%)", self.strategy.get_name(), tentative, pruned,
+                     tentative - pruned, 100 * sparsity, 100 * target)

@@ -1,0 +1,115 @@
+"""The strategy interface: which weights the probe tentatively scales down.
+
+A user's strategy only implements ``select_weights_to_prune(model, sparsity)`` (the
+original GradProbe API) and gets, in the probe, the model itself when every rank holds
+whole weights (one process, DDP), or under FSDP2/ZeRO-3 a view whose
+``named_parameters()`` yields only this rank's local part of each prunable weight.
+
+Built-in strategies implement ``select(context, sparsity)`` instead, which sees the local
+parts, where they sit in the full weight, calibration activation norms and exact
+cross-rank selection, so they give the same masks in every parallel mode.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..backends.base import Backend, LocalSlice
+
+
+@dataclass
+class SelectionContext:
+    """What a strategy sees of the model inside the probe (all tensors are local parts)."""
+
+    weights: dict[str, torch.Tensor]
+    slices: dict[str, LocalSlice]
+    backend: Backend
+    #: per prunable weight: sum over every calibration token (all ranks) of x_j^2 for each
+    #: input feature j of the owning layer; present when the strategy asked for activations.
+    input_sq_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the unwrapped model, given to user strategies when weights are whole on every rank.
+    model: nn.Module | None = None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, names: list[str] | None = None) -> "SelectionContext":
+        """A single-process context (used when a strategy is called directly on a model)."""
+        from ..backends.local import LocalBackend
+        from ..params import find_prunable
+
+        names = names or list(find_prunable(model))
+        params = dict(model.named_parameters())
+        backend = LocalBackend(device=next(model.parameters()).device)
+        backend.prepare(model, names)
+        return cls(weights={n: params[n].data for n in names},
+                   slices={n: LocalSlice(params[n].shape, "full") for n in names},
+                   backend=backend, model=model)
+
+    def select_smallest(self, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        """Exactly ``k`` smallest scores over all layers and ranks (ties: model order)."""
+        masks = self.backend.select_smallest(list(scores.values()), k)
+        return dict(zip(scores, masks))
+
+    def select_smallest_each(self, scores: dict[str, torch.Tensor],
+                             ks: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Per layer, exactly ``ks[name]`` smallest scores over that layer's shards."""
+        masks = self.backend.select_smallest_each(list(scores.values()), [ks[n] for n in scores])
+        return dict(zip(scores, masks))
+
+    def as_module(self) -> nn.Module | "LocalWeightsView":
+        """What a user strategy's ``select_weights_to_prune`` receives as ``model``."""
+        if self.model is not None and all(s.layout == "full" for s in self.slices.values()):
+            return self.model
+        return LocalWeightsView(self.weights)
+
+
+class LocalWeightsView:
+    """Module-like view of this rank's local parts of the prunable weights."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        self._weights = weights
+
+    def named_parameters(self, *args, **kwargs) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self._weights.items()
+
+    def parameters(self, *args, **kwargs) -> Iterator[torch.Tensor]:
+        yield from self._weights.values()
+
+
+class PruningStrategy(ABC):
+    """Base class of every strategy; subclass and implement ``select_weights_to_prune``."""
+
+    #: set True when ``select`` needs ``context.input_sq_norms`` (collected by forward
+    #: hooks during the baseline pass, at no extra pass).
+    needs_activations: bool = False
+
+    @abstractmethod
+    def select_weights_to_prune(self, model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
+        """Boolean masks (True = tentatively prune) keyed by parameter name."""
+
+    @abstractmethod
+    def get_name(self) -> str:
+        """A short name for logs and result tables."""
+
+    def select(self, context: SelectionContext, sparsity: float) -> dict[str, torch.Tensor]:
+        """The probe's entry point; by default the original API on ``context.as_module()``."""
+        return self.select_weights_to_prune(context.as_module(), sparsity)
+
+
+def count_to_select(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` weights a ``sparsity`` fraction selects (rounded down; the
+    epsilon keeps e.g. 100 * 0.29 = 28.999999999999996 from losing a weight)."""
+    return math.floor(numel * sparsity + 1e-6)
+
+
+def local_part(full: torch.Tensor, where: LocalSlice) -> torch.Tensor:
+    """Cut this rank's part, in local shape, out of a full-shape tensor."""
+    if where.layout == "full":
+        return full
+    if where.layout == "rows":
+        return full[where.start:where.stop]
+    return full.reshape(-1)[where.start:where.stop]

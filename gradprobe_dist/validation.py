@@ -1,0 +1,38 @@
+"""Argument checks shared by the Python API and the YAML configs: one message per mistake."""
+from __future__ import annotations
+
+import math
+
+
+def check_prune_args(sparsity: float, num_batches: int, reduction_factor: float,
+                     gradient_threshold: float) -> None:
+    """Raise ValueError/TypeError naming the bad argument and what would be valid."""
+    _number("sparsity", sparsity)
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity} is outside [0, 1): pass the fraction of weights "
+                         "to prune, e.g. 0.5 for 50%")
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int):
+        raise TypeError(f"num_batches must be an int, got {type(num_batches).__name__}")
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches} must be >= 1: the probe needs at least "
+                         "one calibration batch")
+    _number("reduction_factor", reduction_factor)
+    if not 0.0 < reduction_factor < 1.0:
+        raise ValueError(f"reduction_factor={reduction_factor} is outside (0, 1): selected "
+                         "weights are scaled by it, e.g. 0.1 keeps 10% of their value")
+    check_threshold(gradient_threshold)
+
+
+def check_threshold(gradient_threshold: float) -> None:
+    _number("gradient_threshold", gradient_threshold)
+    if gradient_threshold < 0:
+        raise ValueError(f"gradient_threshold={gradient_threshold} is negative: use 0.0 to "
+                         "prune only weights whose gradient did not grow, or a positive "
+                         "tolerance such as 0.1")
+
+
+def _number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} is not finite")
