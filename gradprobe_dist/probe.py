@@ -122,9 +122,12 @@ class GradProbe:
 
     def get_sparsity(self) -> float:
         """Fraction of exactly-zero entries over all prunable weights (all ranks)."""
+        if not self._prepared:  # the backend must know the model to say where shards live
+            self._wrapped = self.backend.prepare(self.model, self.param_names)
+            self.backend.release()
         counts = torch.zeros(2, dtype=torch.float64)
         for name in self.param_names:
-            w = self.backend.local_weight(name) if self._prepared else dict(self.model.named_parameters())[name]
+            w = self.backend.local_weight(name)
             counts[0] += int((w == 0).sum())
             counts[1] += w.numel()
         counts = self.backend.sum_over_shards(counts)

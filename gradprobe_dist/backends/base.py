@@ -133,7 +133,7 @@ class Backend(ABC):
     def _selection_group(self):
         from ..distributed import select
 
-        return getattr(select, "LOCAL", None) if self.replicated else None  # TODO-LEAD
+        return select.LOCAL if self.replicated else None
 
     def broadcast_object(self, obj):
         """The main rank's ``obj`` on every rank."""

@@ -1,0 +1,223 @@
+"""Run configs: plain dataclasses that YAML maps onto one-to-one.
+
+Unknown keys, wrong types and out-of-range values are errors naming the key (e.g.
+``prune.sparsity``). ``key=value`` overrides on the command line use dotted paths and
+YAML syntax for values: ``prune.sparsity=0.6 parallel=fsdp prune.stages=[[a*],[b*]]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .statistics import STATISTICS
+from .validation import check_prune_args, check_threshold
+
+PARALLEL_MODES = ("none", "ddp", "fsdp", "zero3")
+MODEL_KINDS = ("tinygpt", "mlp", "hf")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    #: tinygpt (built-in LM), mlp (SimpleMLP) or hf (a transformers causal LM directory)
+    kind: str = "tinygpt"
+    #: hf: the model directory; tinygpt/mlp: a safetensors/.pt state dict to load (optional)
+    path: str | None = None
+    #: constructor options of the built-in model (TinyGPTConfig fields, or SimpleMLP args)
+    options: dict[str, Any] = field(default_factory=dict)
+    #: fnmatch patterns choosing prunable parameters (default: Linear/Conv weights, no head)
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+    def __post_init__(self):
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError(f"model.kind={self.kind!r}: choose one of {', '.join(MODEL_KINDS)}")
+        if self.kind == "hf" and not self.path:
+            raise ConfigError("model.path is required when model.kind is 'hf' (a local model directory)")
+
+
+@dataclass
+class DataConfig:
+    #: directory of webdataset shards written by `gradprobe make-shards`
+    shards: str = "runs/demo/calib"
+    #: samples per rank per step; the global batch is micro_batch_size x world size
+    micro_batch_size: int = 8
+    #: evaluation: shards for `gradprobe eval` (perplexity or accuracy); optional
+    eval_shards: str | None = None
+    eval_batches: int = 8
+
+    def __post_init__(self):
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"data.micro_batch_size={self.micro_batch_size} must be >= 1")
+        if self.eval_batches < 1:
+            raise ConfigError(f"data.eval_batches={self.eval_batches} must be >= 1")
+
+
+@dataclass
+class PruneConfig:
+    strategy: str = "magnitude"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    sparsity: float = 0.5
+    num_batches: int = 8
+    reduction_factor: float = 0.1
+    gradient_threshold: float = 0.0
+    #: thresholds for `gradprobe sweep`
+    thresholds: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.5])
+    statistic: str = "max_abs"
+    stat_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: transformer blocks per stage (children of the model's block list); 0 = one stage
+    stage_size: int = 0
+    #: explicit stages, each a list of fnmatch patterns on parameter names (overrides stage_size)
+    stages: list[list[str]] | None = None
+
+    def __post_init__(self):
+        from .strategies import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"prune.strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.statistic not in STATISTICS:
+            raise ConfigError(f"prune.statistic={self.statistic!r}: choose one of {', '.join(STATISTICS)}")
+        if self.stage_size < 0:
+            raise ConfigError(f"prune.stage_size={self.stage_size} must be >= 0 (0 = one stage)")
+        try:
+            check_prune_args(self.sparsity, self.num_batches, self.reduction_factor, self.gradient_threshold)
+            for t in self.thresholds:
+                check_threshold(t)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"prune.{err}") from None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    parallel: str = "none"
+    #: fnmatch patterns of module names wrapped as FSDP2 units (default: each block)
+    fsdp_units: list[str] | None = None
+    #: where per-layer masks (and the manifest) are written
+    output_dir: str = "runs/demo/masks"
+    #: "auto" (cuda when available), "cpu" or "cuda"
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.parallel not in PARALLEL_MODES:
+            raise ConfigError(f"parallel={self.parallel!r}: choose one of {', '.join(PARALLEL_MODES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device={self.device!r}: choose auto, cpu or cuda")
+
+    def mask_fields(self) -> dict[str, Any]:
+        """The settings that change the masks: a resume must match them exactly."""
+        p = self.prune
+        return {"model": dataclasses.asdict(self.model), "strategy": p.strategy,
+                "strategy_options": p.strategy_options, "sparsity": p.sparsity,
+                "num_batches": p.num_batches, "reduction_factor": p.reduction_factor,
+                "gradient_threshold": p.gradient_threshold, "statistic": p.statistic,
+                "stat_dtype": p.stat_dtype, "stage_size": p.stage_size, "stages": p.stages,
+                "data": self.data.shards, "micro_batch_size": self.data.micro_batch_size,
+                "seed": self.seed}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.mask_fields(), sort_keys=True).encode()).hexdigest()
+
+
+# -- loading -------------------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(raw).__name__}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. prune.sparsity=0.6")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    return build(RunConfig, raw, "")
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[leaf] = value
+
+
+def build(cls, raw: Any, prefix: str):
+    """Build dataclass ``cls`` from a dict, checking keys and types, naming the key on error."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {where}; valid keys: {', '.join(fields)}")
+    values = {name: _convert(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        if prefix and not str(err).startswith(prefix):
+            raise ConfigError(f"{prefix}{err}") from None
+        raise
+
+
+def _convert(hint, value: Any, key: str):
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, f"{key}.")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (not isinstance(value, hint) or
+                                            (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

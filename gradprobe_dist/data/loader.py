@@ -1,0 +1,201 @@
+"""Read calibration micro-batches from webdataset shards, one disjoint shard subset per rank.
+
+Shard i goes to rank i % world_size (as ``wds.split_by_node`` does), but rank and world size
+are passed in, so reading works before or without ``torch.distributed``. Global batch t is the
+rank-ordered union of every rank's micro-batch t; ``global_reference_batches`` builds it in
+one process so a W-rank run can be compared with a single process fed the same samples.
+
+Everything that can be checked from ``metadata.json`` is checked for all ranks, so every rank
+raises the same error instead of one rank failing while the others wait in a collective.
+"""
+from __future__ import annotations
+
+import bisect
+import io
+import itertools
+import json
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+from gradprobe_dist.data.shards import FIELDS, METADATA_FILE, check_positive
+from gradprobe_dist.log import get_logger
+
+Batch = dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
+ShardSource = str | Path | Sequence[str | Path]
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards to read, in manifest order, with what ``metadata.json`` says about each."""
+
+    kind: str
+    paths: list[Path]
+    num_samples: list[int]
+    num_bytes: list[int]
+
+
+def calibration_batches(
+    shard_dir_or_urls: ShardSource,
+    *,
+    micro_batch_size: int,
+    num_batches: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[Batch]:
+    """Exactly ``num_batches`` micro-batches of ``micro_batch_size`` samples from this rank's shards.
+
+    Text batches are ``{"input_ids", "labels"}`` dicts of LongTensor[b, T] (labels equal the
+    ids; the model shifts them); tensor batches are ``(inputs, targets)``. The order is fixed:
+    this rank's shards in manifest order, samples in file order.
+    """
+    check_positive(micro_batch_size=micro_batch_size, num_batches=num_batches, world_size=world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}; pass 0 <= rank < world_size")
+    shards = read_shard_set(shard_dir_or_urls)
+    needed = micro_batch_size * num_batches
+    check_shard_plan(shards, needed, world_size)
+    to_read = _shards_needed_by_rank(shards, rank, world_size, needed)
+    for index in to_read:
+        _check_tar(shards.paths[index], shards.num_samples[index])
+    logger.debug("reading %d samples from shards %s", needed, [shards.paths[i].name for i in to_read])
+
+    fields = FIELDS[shards.kind]
+    dataset = wds.WebDataset(
+        [str(p) for p in shards.paths],
+        nodesplitter=partial(_split_by_rank, rank=rank, world_size=world_size),
+        workersplitter=None,
+        shardshuffle=False,
+        empty_check=False,
+    ).map(partial(_decode_sample, fields=fields))
+    samples = list(itertools.islice(dataset, needed))
+    columns = [torch.stack(column).unflatten(0, (num_batches, micro_batch_size)) for column in zip(*samples)]
+    if shards.kind == "text":
+        return [{"input_ids": ids, "labels": ids.clone()} for ids in columns[0]]
+    return list(zip(*columns))
+
+
+def global_reference_batches(
+    shard_dir: ShardSource,
+    *,
+    micro_batch_size: int,
+    num_batches: int,
+    world_size: int,
+) -> list[Batch]:
+    """Global batch t = concatenation, in rank order, of what each of the W ranks reads at step t."""
+    per_rank = [
+        calibration_batches(shard_dir, micro_batch_size=micro_batch_size, num_batches=num_batches,
+                            rank=rank, world_size=world_size)
+        for rank in range(world_size)
+    ]
+    return [_concat_batches(step) for step in zip(*per_rank)]
+
+
+def read_shard_set(source: ShardSource) -> ShardSet:
+    """Resolve a shard directory, a brace pattern or a list of shard paths against ``metadata.json``.
+
+    Every shard must sit in one directory with the manifest written by ``write_*_shards``.
+    """
+    directory, names = _directory_and_names(source)
+    manifest_path = directory / METADATA_FILE
+    if not manifest_path.is_file():
+        found = sorted(p.name for p in directory.glob("*.tar")) if directory.is_dir() else []
+        raise ValueError(f"no shards found: {manifest_path} does not exist"
+                         + (f" ({len(found)} tar files there, e.g. {found[0]}, have no manifest)" if found else "")
+                         + "; write shards with write_text_shards() or write_tensor_shards()")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("kind") not in FIELDS:
+        raise ValueError(f"{manifest_path} has kind {manifest.get('kind')!r}, expected one of "
+                         f"{sorted(FIELDS)}; re-write the shards with this version of gradprobe_dist")
+    entries = {entry["name"]: entry for entry in manifest["shards"]}
+    names = list(entries) if names is None else names
+    if not names:
+        raise ValueError(f"no shards found: {manifest_path} lists no shards; re-write the shards")
+    unlisted = [n for n in names if n not in entries]
+    if unlisted:
+        raise ValueError(f"shards {unlisted} are not listed in {manifest_path}; pass shards it lists "
+                         f"or re-write the directory")
+    missing = [str(directory / n) for n in names if not (directory / n).is_file()]
+    if missing:
+        raise ValueError(f"shard files listed in {manifest_path} are missing: {missing}; restore them "
+                         f"or re-write the shards")
+    return ShardSet(
+        kind=manifest["kind"],
+        paths=[directory / n for n in names],
+        num_samples=[entries[n]["num_samples"] for n in names],
+        num_bytes=[entries[n]["num_bytes"] for n in names],
+    )
+
+
+def _directory_and_names(source: ShardSource) -> tuple[Path, list[str] | None]:
+    """The manifest's directory and the chosen shard names (None: every shard it lists)."""
+    if isinstance(source, (str, Path)) and not str(source).endswith(".tar"):
+        return Path(source), None
+    urls = wds.shardlists.expand_urls(str(source)) if isinstance(source, (str, Path)) else list(source)
+    if not urls:
+        raise ValueError("no shards found: the shard list is empty; pass a shard directory or tar paths")
+    directories = {Path(u).parent for u in urls}
+    if len(directories) != 1:
+        raise ValueError(f"shards come from several directories {sorted(map(str, directories))}; "
+                         f"pass shards of one directory (one metadata.json)")
+    return directories.pop(), [Path(u).name for u in urls]
+
+
+def check_shard_plan(shards: ShardSet, samples_per_rank: int, world_size: int) -> None:
+    """Fail before any compute if some rank would get no shard, too few samples, or a resized shard."""
+    if len(shards.paths) < world_size:
+        raise ValueError(f"{len(shards.paths)} shards for {world_size} ranks; write at least {world_size} "
+                         f"shards, e.g. lower samples_per_shard")
+    for path, expected in zip(shards.paths, shards.num_bytes):
+        actual = path.stat().st_size
+        if actual != expected:
+            raise ValueError(f"shard {path} is {actual} bytes but metadata.json records {expected}: it is "
+                             f"truncated or was replaced; re-write the shards")
+    available = [sum(shards.num_samples[rank::world_size]) for rank in range(world_size)]
+    short = {rank: n for rank, n in enumerate(available) if n < samples_per_rank}
+    if short:
+        details = ", ".join(f"rank {rank} has {n}" for rank, n in short.items())
+        raise ValueError(f"{details} samples in its shards but needs micro_batch_size*num_batches = "
+                         f"{samples_per_rank}; lower num_batches or micro_batch_size, or write more samples")
+
+
+def _shards_needed_by_rank(shards: ShardSet, rank: int, world_size: int, needed: int) -> list[int]:
+    """Indices of this rank's shards, in order, up to the first one that completes ``needed`` samples."""
+    own = list(range(rank, len(shards.paths), world_size))
+    totals = list(itertools.accumulate(shards.num_samples[i] for i in own))
+    return own[: bisect.bisect_left(totals, needed) + 1]
+
+
+def _check_tar(path: Path, expected_samples: int) -> None:
+    """Read the whole tar once so a corrupt shard is named here, not as a decode error mid-run."""
+    try:
+        with tarfile.open(path, "r|") as tar:
+            keys = {member.name.split(".", 1)[0] for member in tar if member.isreg()}
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ValueError(f"shard {path} is truncated or corrupt ({err}); re-write the shards") from err
+    if len(keys) != expected_samples:
+        raise ValueError(f"shard {path} holds {len(keys)} samples but metadata.json records "
+                         f"{expected_samples}: it is truncated or corrupt; re-write the shards")
+
+
+def _split_by_rank(shard_urls: Iterable[dict], *, rank: int, world_size: int) -> Iterator[dict]:
+    """Shard i goes to rank i % world_size, like ``wds.split_by_node`` but with explicit rank."""
+    return itertools.islice(shard_urls, rank, None, world_size)
+
+
+def _decode_sample(sample: dict, *, fields: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """Tensors of one sample; ``weights_only=True`` so a shard cannot run pickled code."""
+    return tuple(torch.load(io.BytesIO(sample[f"{name}.pth"]), weights_only=True) for name in fields)
+
+
+def _concat_batches(batches: Sequence[Batch]) -> Batch:
+    if isinstance(batches[0], dict):
+        return {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
+    return tuple(torch.cat(parts) for parts in zip(*batches))

@@ -1,0 +1,216 @@
+"""Exact k-smallest selection over tensors sharded across ranks, without gathering them.
+
+Why: a pruning threshold over FSDP / ZeRO-3 shards must be exact and identical on every
+rank, yet gathering billions of scores onto one rank does not fit. A radix select over the
+order-preserving integer key of each float32 value finds the exact k-th smallest with four
+rounds of a 256-bin histogram summed over ranks (one ``all_reduce`` per round, batched over
+all tensors); one ``all_gather`` of tie counts then decides which equal values are taken.
+
+Order used everywhere: values compare as float32 (so ``-0.0 == 0.0``); among equal values
+the lowest (tensor index, rank, flat index) comes first. That is the global order when
+rank r holds the r-th contiguous piece of every tensor, so the masks equal those of one
+process holding the concatenation. Every rank must pass the same number of tensors and
+the same ``k``; without an initialised process group, or with ``group=LOCAL``, everything
+runs locally.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+_DIGIT_BITS = 8
+_BINS = 1 << _DIGIT_BITS
+_KEY_BITS = 32
+_SHIFTS = tuple(range(_KEY_BITS - _DIGIT_BITS, -1, -_DIGIT_BITS))  # 24, 16, 8, 0: top digit first
+_SIGN = 1 << 31
+_MASK32 = (1 << 32) - 1
+
+
+# -- float32 <-> order-preserving key ------------------------------------------------------
+def _sortable_key(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2**32) whose integer order is the float32 order of ``values``.
+
+    Negative floats have their bits flipped (larger magnitude -> smaller key), positive
+    floats get the sign bit set; ``-0.0`` is first turned into ``+0.0`` so both tie.
+    """
+    as_float = values.detach().reshape(-1).to(torch.float32) + 0.0  # -0.0 + 0.0 == +0.0
+    bits = as_float.view(torch.int32).to(torch.int64) & _MASK32
+    return torch.where(bits >= _SIGN, _MASK32 - bits, bits + _SIGN)
+
+
+def _key_to_float(key: int) -> float:
+    bits = key - _SIGN if key >= _SIGN else _MASK32 - key
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+# -- collectives that fall back to one process ---------------------------------------------
+#: pass as ``group`` to select on this rank alone (replicated tensors, e.g. under DDP)
+LOCAL = "local"
+
+
+def _distributed(group) -> bool:
+    return group != LOCAL and dist.is_available() and dist.is_initialized()
+
+
+def _sum_over_ranks(tensor: torch.Tensor, group) -> torch.Tensor:
+    if _distributed(group):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def _gather_over_ranks(tensor: torch.Tensor, group) -> torch.Tensor:
+    """``[world_size, *tensor.shape]``: every rank's ``tensor``, stacked in rank order."""
+    if not _distributed(group):
+        return tensor.unsqueeze(0)
+    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, tensor, group=group)
+    return torch.stack(pieces)
+
+
+def _rank_and_world(group) -> tuple[int, int]:
+    if not _distributed(group):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+# -- input checks ---------------------------------------------------------------------------
+def _check_tensors(scores: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
+    scores = list(scores)
+    for i, tensor in enumerate(scores):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{what}[{i}] is a {type(tensor).__name__}; pass torch.Tensor values")
+        if not tensor.is_floating_point():
+            raise TypeError(f"{what}[{i}] has dtype {tensor.dtype}; pass a floating tensor "
+                            f"(e.g. scores.float())")
+    return scores
+
+
+def _check_k(k, name: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}; pass int({name})")
+    if k < 0:
+        raise ValueError(f"{name}={k} is negative; pass a count between 0 and the number of values")
+    return k
+
+
+def _nothing_to_select(k: int, name: str) -> list[torch.Tensor]:
+    """No tensors on any rank (every rank passes the same number): only k=0 makes sense."""
+    if k:
+        raise ValueError(f"{name}={k} but no score tensors were passed; pass k=0 or some scores")
+    return []
+
+
+# -- the radix select -----------------------------------------------------------------------
+def _radix_select(scores: list[torch.Tensor], owner: list[int], ks: list[int], labels: list[str],
+                  group):
+    """Exact k-th smallest key of each selection group, summed over ranks.
+
+    ``owner[i]`` is the group of ``scores[i]``; group g asks for its ``ks[g]``-th smallest
+    (``ks[g] == 0`` selects nothing); ``labels[g]`` names it in errors. Returns ``(target_key, ties_needed)`` per group: the
+    k-th smallest key and how many values equal to it belong to the k smallest. Keys are
+    recomputed per tensor and round so extra memory stays bounded by the largest tensor.
+    """
+    n_groups = len(ks)
+    device = scores[0].device  # where the collectives run (cuda under nccl)
+    remaining = torch.tensor(ks, dtype=torch.int64, device=device)
+    prefix = torch.zeros(n_groups, dtype=torch.int64, device=device)
+    for round_index, shift in enumerate(_SHIFTS):
+        # Column _BINS carries NaN counts in the first round so every rank raises together.
+        hist = torch.zeros(n_groups, _BINS + 1, dtype=torch.int64, device=device)
+        for tensor, g in zip(scores, owner):
+            key = _sortable_key(tensor)
+            key = key[(key >> (shift + _DIGIT_BITS)) == prefix[g]]
+            hist[g, :_BINS] += torch.bincount((key >> shift) & (_BINS - 1), minlength=_BINS)
+            if round_index == 0:
+                hist[g, _BINS] += torch.isnan(tensor).sum()
+        _sum_over_ranks(hist, group)
+        if round_index == 0:
+            _raise_on_bad_counts(hist[:, _BINS].tolist(), hist[:, :_BINS].sum(1).tolist(), ks, labels)
+        hist = hist[:, :_BINS]
+        cumulative = hist.cumsum(1)
+        digit = (cumulative < remaining[:, None]).sum(1).clamp_(max=_BINS - 1)
+        below_digit = (cumulative - hist).gather(1, digit[:, None]).squeeze(1)
+        remaining -= below_digit
+        prefix = (prefix << _DIGIT_BITS) | digit
+    return prefix, remaining
+
+
+def _raise_on_bad_counts(nan_counts: list[int], totals: list[int], ks: list[int],
+                         labels: list[str]) -> None:
+    for nans, total, k, label in zip(nan_counts, totals, ks, labels):
+        if nans:
+            raise ValueError(f"{label} hold {nans} NaN values over all ranks; replace them "
+                             f"(e.g. torch.nan_to_num) before selecting")
+        if k > total:
+            raise ValueError(f"k={k} values asked of {label}, which hold only {total} over all "
+                             f"ranks; pass k between 0 and {total}")
+
+
+def _tie_broken_masks(scores: list[torch.Tensor], owner: list[int], target, ties_needed,
+                      group) -> list[torch.Tensor]:
+    """Mark values below their group's target key, plus the first ``ties_needed`` values equal
+    to it in (tensor index, rank, flat index) order."""
+    rank, world = _rank_and_world(group)
+    tie_counts = torch.stack([(_sortable_key(t) == target[g]).sum() for t, g in zip(scores, owner)])
+    # Exclusive prefix over (tensor, rank), restarted at each group's first tensor.
+    by_tensor_then_rank = _gather_over_ranks(tie_counts, group).T.reshape(-1)
+    ties_before = by_tensor_then_rank.cumsum(0) - by_tensor_then_rank
+    first_tensor = {}
+    for i, g in enumerate(owner):
+        first_tensor.setdefault(g, i)
+    masks = []
+    for i, (tensor, g) in enumerate(zip(scores, owner)):
+        key = _sortable_key(tensor)
+        tie = key == target[g]
+        earlier_ties = ties_before[i * world + rank] - ties_before[first_tensor[g] * world]
+        tie_order = earlier_ties + tie.cumsum(0) - 1
+        mask = (key < target[g]) | (tie & (tie_order < ties_needed[g]))
+        masks.append(mask.reshape(tensor.shape))
+    return masks
+
+
+# -- public API -----------------------------------------------------------------------------
+def kth_smallest(values: torch.Tensor, k: int, group=None) -> float:
+    """Exact k-th smallest (1-based) of every rank's ``values`` concatenated, as float32.
+
+    A collective: every rank calls it with the same ``k``. Raises ValueError on NaN or when
+    ``k`` is outside ``[1, total]``.
+    """
+    (values,) = _check_tensors([values], "values")
+    k = _check_k(k, "k")
+    if k == 0:
+        raise ValueError("k=0: kth_smallest counts from 1; pass k between 1 and the number of values")
+    target, _ = _radix_select([values], [0], [k], ["values"], group)
+    return _key_to_float(int(target[0]))
+
+
+def select_smallest(scores: Sequence[torch.Tensor], k: int, group=None) -> list[torch.Tensor]:
+    """Bool masks (shaped like ``scores``) marking the k smallest values over all tensors and
+    all ranks together, ties to the lowest (tensor index, rank, flat index). A collective:
+    five collective calls whatever the number of tensors."""
+    scores = _check_tensors(scores, "scores")
+    k = _check_k(k, "k")
+    if not scores:
+        return _nothing_to_select(k, "k")
+    owner = [0] * len(scores)
+    target, ties_needed = _radix_select(scores, owner, [k], ["scores"], group)
+    return _tie_broken_masks(scores, owner, target, ties_needed, group)
+
+
+def select_smallest_each(scores: Sequence[torch.Tensor], ks: Sequence[int],
+                         group=None) -> list[torch.Tensor]:
+    """For each tensor i on its own, a bool mask of its ``ks[i]`` smallest values over all
+    ranks (ties to the lowest rank, then flat index). A collective whose five collective calls
+    cover every tensor at once, so per-layer selection of a deep model stays cheap."""
+    scores = _check_tensors(scores, "scores")
+    ks = [_check_k(k, f"ks[{i}]") for i, k in enumerate(ks)]
+    if len(ks) != len(scores):
+        raise ValueError(f"got {len(scores)} score tensors but {len(ks)} counts; pass one k per tensor")
+    if not scores:
+        return []
+    owner = list(range(len(scores)))
+    target, ties_needed = _radix_select(scores, owner, ks, [f"scores[{i}]" for i in owner], group)
+    return _tie_broken_masks(scores, owner, target, ties_needed, group)
