@@ -69,3 +69,16 @@ def from_torch_prune(model: nn.Module) -> dict[str, torch.Tensor]:
                 torch_prune.remove(module, attr)
                 masks[f"{module_name}.{attr}" if module_name else attr] = mask
     return masks
+
+
+def semi_structured(weight: torch.Tensor, mask: torch.Tensor):
+    """A 2:4-pruned weight as torch's semi-structured sparse tensor (for sparse kernels).
+
+    ``torch.sparse.to_sparse_semi_structured`` wants the dense weight with exactly two zeros
+    in every group of four along the input dim, on a CUDA device, in fp16/bf16/int8; the
+    pattern is checked here first so a wrong mask fails with a clear message.
+    """
+    from .decision import check_nm
+
+    check_nm(mask, 2, 4, exact=True)
+    return torch.sparse.to_sparse_semi_structured(weight.detach().masked_fill(mask.to(weight.device), 0))

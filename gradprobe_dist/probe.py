@@ -24,11 +24,11 @@ from .activations import collect_input_sq_norms
 from .backends.base import Backend
 from .backends.local import LocalBackend
 from .batches import LossOfBatch, make_loss_of_batch, take_batches, to_device
-from .decision import LayerProbe, ProbeRecord
+from .decision import LayerProbe, ProbeRecord, check_nm, lowest_in_groups
 from .log import get_logger
 from .masking import MaskHooks, keep_pruned
 from .params import find_prunable
-from .strategies.base import PruningStrategy, SelectionContext
+from .strategies.base import PruningStrategy, SelectionContext, count_to_select
 from .validation import check_prune_args, check_threshold
 
 log = get_logger(__name__)
@@ -66,24 +66,41 @@ class GradProbe:
         self.owners = find_prunable(model, include, exclude)
         self.param_names = list(self.owners)
         self.masks: dict[str, torch.Tensor] = {}
+        #: target mode: the gradient_threshold whose threshold-mode decision it matched at worst
+        self.equivalent_threshold: float | None = None
         self._mask_hooks: MaskHooks | None = None
 
     # -- public API --------------------------------------------------------------------------
     def prune(self, dataloader: Iterable, loss_fn: Callable | None = None, sparsity: float = 0.5,
               num_batches: int = 10, reduction_factor: float = 0.1,
               gradient_threshold: float = 0.0, verbose: bool = False, *,
-              compute_loss: LossOfBatch | None = None) -> dict[str, torch.Tensor]:
+              compute_loss: LossOfBatch | None = None, mode: str = "threshold",
+              oversample: float = 1.5, target_scope: str = "layer") -> dict[str, torch.Tensor]:
         """Probe and prune in place; returns masks (True = pruned) keyed by parameter name.
 
+        ``mode="threshold"`` (the original): prune the selected weights whose gradient did not
+        grow by more than ``gradient_threshold``; the result ends at or below ``sparsity``.
+        ``mode="target"``: select ``oversample`` x ``sparsity`` tentatively and prune exactly
+        the ``sparsity`` fraction with the lowest gradient ratio new/old, per layer
+        (``target_scope="layer"``), over all layers (``"global"``), or N of every M with an
+        N:M strategy; ``self.equivalent_threshold`` then says which threshold that was.
         Masks have the local shape of each weight (the full shape unless the backend shards).
         ``compute_loss(model, batch) -> loss`` replaces the default batch handling.
         """
         check_prune_args(sparsity, num_batches, reduction_factor, gradient_threshold)
-        record = self.probe(dataloader, loss_fn, sparsity, num_batches, reduction_factor,
+        check_mode(mode, oversample, target_scope)
+        self._check_pattern(sparsity)
+        selection = sparsity if mode == "threshold" else min(1.0, sparsity * oversample)
+        record = self.probe(dataloader, loss_fn, selection, num_batches, reduction_factor,
                             verbose, compute_loss=compute_loss)
-        self.masks = self.apply_decisions(record, gradient_threshold)
+        if mode == "threshold":
+            masks = record.masks(gradient_threshold)
+        else:
+            masks = self.target_masks(record, sparsity, target_scope)
+        self._check_nm_masks(masks, exact=mode == "target")
+        self.masks = self.apply_masks(record, masks)
         if verbose:
-            self._report(record, gradient_threshold, sparsity)
+            self._report(record, sparsity)
         return self.masks
 
     def sweep_gradient_thresholds(self, dataloader: Iterable, loss_fn: Callable | None,
@@ -166,8 +183,13 @@ class GradProbe:
     def probe(self, dataloader: Iterable, loss_fn: Callable | None, sparsity: float,
               num_batches: int, reduction_factor: float, verbose: bool = False, *,
               compute_loss: LossOfBatch | None = None) -> ProbeRecord:
-        """Run both gradient passes; return what they measured. The weights end unchanged."""
-        check_prune_args(sparsity, num_batches, reduction_factor, 0.0)
+        """Run both gradient passes; return what they measured. The weights end unchanged.
+
+        ``sparsity`` here is what the strategy selects tentatively (up to 1.0).
+        """
+        check_prune_args(0.0, num_batches, reduction_factor, 0.0)
+        if not 0.0 <= sparsity <= 1.0:
+            raise ValueError(f"tentative sparsity={sparsity} is outside [0, 1]")
         batches = take_batches(dataloader, num_batches)
         loss_of = make_loss_of_batch(loss_fn, compute_loss)
         modes = {m: m.training for m in self.model.modules()}
@@ -195,13 +217,51 @@ class GradProbe:
             self.backend.release()
 
     def apply_decisions(self, record: ProbeRecord, gradient_threshold: float) -> dict[str, torch.Tensor]:
-        """Zero the redundant selected weights, restore the others exactly; return the masks."""
+        """Threshold mode: zero the redundant selected weights, restore the others exactly."""
+        return self.apply_masks(record, record.masks(gradient_threshold))
+
+    def apply_masks(self, record: ProbeRecord, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Zero ``masks`` (a subset of the tentative sets), restore every other tentative
+        weight bit-exactly from its saved original; returns ``masks``."""
         with torch.no_grad():
             for name, layer in record.layers.items():
                 w = self.backend.local_weight(name)
-                w[layer.tentative] = layer.decided_values(gradient_threshold).to(w.device)
+                w[layer.tentative] = layer.decided_values(masks[name]).to(w.device)
         self.backend.commit_weights(self.param_names)
-        return record.masks(gradient_threshold)
+        return masks
+
+    def target_masks(self, record: ProbeRecord, sparsity: float, scope: str = "layer") -> dict[str, torch.Tensor]:
+        """Exactly ``sparsity`` pruned (per layer / globally / N of every M), lowest gradient
+        ratio first among the tentative weights; sets ``self.equivalent_threshold``."""
+        ratios = {n: layer.ratio() for n, layer in record.layers.items()}
+        nm = getattr(self.strategy, "nm", None)
+        context = self._selection_context({})
+        if nm:
+            n, m = nm
+            chosen = {}
+            for name, layer in record.layers.items():
+                # non-tentative positions rank after every tentative one, even a ratio of inf
+                full = torch.full(layer.tentative.shape, float("inf"), device=ratios[name].device)
+                full[layer.tentative] = ratios[name].clamp(max=torch.finfo(torch.float32).max)
+                mask = context.select_in_rows(name, full, lambda rows: lowest_in_groups(rows, n, m))
+                chosen[name] = mask.to(layer.tentative.device) & layer.tentative
+            masks = chosen
+        else:
+            tentative = self.backend.sum_over_shards(torch.tensor(
+                [int(layer.tentative.sum()) for layer in record.layers.values()], dtype=torch.float64))
+            numels = [context.slices[n].full_numel for n in record.layers]
+            if scope == "global":
+                k = min(count_to_select(sum(numels), sparsity), int(tentative.sum()))
+                picked = self.backend.select_smallest(list(ratios.values()), k)
+            else:
+                ks = [min(count_to_select(numel, sparsity), int(t)) for numel, t in zip(numels, tentative)]
+                picked = self.backend.select_smallest_each(list(ratios.values()), ks)
+            masks = {n: layer.expand(p) for (n, layer), p in zip(record.layers.items(), picked)}
+        worst = max((float(ratios[n][masks[n][l.tentative]].max()) for n, l in record.layers.items()
+                     if masks[n].any()), default=0.0)
+        worst = float(self.backend.all_reduce(torch.tensor([worst], dtype=torch.float64, device=self.device), "max"))
+        self.equivalent_threshold = max(0.0, worst - 1.0)
+        return masks
 
     def _restore(self, record: ProbeRecord) -> None:
         with torch.no_grad():
@@ -321,10 +381,9 @@ class GradProbe:
         local = torch.tensor([sum(int(m.sum()) for m in masks.values())], dtype=torch.float64)
         return int(self.backend.sum_over_shards(local).item())
 
-    def _report(self, record: ProbeRecord, gradient_threshold: float, target: float) -> None:
-        counts = torch.tensor([[int(l.tentative.sum()), int(m.sum())] for l, m in
-                               zip(record.layers.values(), record.masks(gradient_threshold).values())],
-                              dtype=torch.float64)
+    def _report(self, record: ProbeRecord, target: float) -> None:
+        counts = torch.tensor([[int(l.tentative.sum()), int(self.masks[n].sum())]
+                               for n, l in record.layers.items()], dtype=torch.float64)
         counts = self.backend.sum_over_shards(counts)
         sparsity = self.get_sparsity()  # a collective: every rank calls it
         if self.backend.is_main:
@@ -332,3 +391,33 @@ class GradProbe:
             log.info("%s: %d tentatively selected, %d pruned, %d restored; sparsity %.2f%% "
                      "(target %.2f%%)", self.strategy.get_name(), tentative, pruned,
                      tentative - pruned, 100 * sparsity, 100 * target)
+
+    def _check_nm_masks(self, masks: dict[str, torch.Tensor], exact: bool) -> None:
+        """Every N:M-pruned layer must hold at most (threshold) or exactly (target) N zeros
+        per group; flat ZeRO-3 parts cut groups, so those are checked once gathered."""
+        nm = getattr(self.strategy, "nm", None)
+        if nm:
+            for name, mask in masks.items():
+                if self.backend.local_slice(name).layout != "flat":
+                    check_nm(mask, *nm, exact=exact)
+
+    def _check_pattern(self, sparsity: float) -> None:
+        nm = getattr(self.strategy, "nm", None)
+        if nm and abs(sparsity - nm[0] / nm[1]) > 1e-9:
+            raise ValueError(f"strategy {self.strategy.get_name()} prunes {nm[0]} of every {nm[1]} "
+                             f"weights: pass sparsity={nm[0] / nm[1]} (got {sparsity})")
+
+
+MODES = ("threshold", "target")
+TARGET_SCOPES = ("layer", "global")
+
+
+def check_mode(mode: str, oversample: float, target_scope: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown: use 'threshold' (prune what the probe "
+                         "finds redundant) or 'target' (reach the sparsity exactly)")
+    if isinstance(oversample, bool) or not isinstance(oversample, (int, float)) or oversample < 1.0:
+        raise ValueError(f"oversample={oversample!r} must be a number >= 1: the target mode "
+                         "probes oversample x sparsity candidates and keeps the best")
+    if target_scope not in TARGET_SCOPES:
+        raise ValueError(f"target_scope={target_scope!r} is unknown: use 'layer' or 'global'")

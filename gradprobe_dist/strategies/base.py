@@ -60,6 +60,19 @@ class SelectionContext:
         masks = self.backend.select_smallest_each(list(scores.values()), [ks[n] for n in scores])
         return dict(zip(scores, masks))
 
+    def select_in_rows(self, name: str, local_scores: torch.Tensor, choose) -> torch.Tensor:
+        """Apply ``choose(scores[rows, cols]) -> mask`` to whole output rows of weight ``name``
+        and return this rank's local mask. Rows are whole locally (one process, DDP, FSDP2
+        ``Shard(0)``); ZeRO-3's flat partitions cut rows, so that one layer is gathered on the
+        main rank, decided there and scattered back (memory: one layer at a time)."""
+        where = self.slices[name]
+        rows = where.full_shape[0]
+        if where.layout != "flat":
+            return choose(local_scores.reshape(local_scores.shape[0], -1)).reshape(local_scores.shape)
+        full = self.backend.gather_full(name, local_scores)
+        full_mask = choose(full.reshape(rows, -1)).reshape(where.full_shape) if full is not None else None
+        return self.backend.scatter_full(name, full_mask)
+
     def as_module(self) -> nn.Module | "LocalWeightsView":
         """What a user strategy's ``select_weights_to_prune`` receives as ``model``."""
         if self.model is not None and all(s.layout == "full" for s in self.slices.values()):
@@ -104,6 +117,26 @@ def count_to_select(numel: int, sparsity: float) -> int:
     """How many of ``numel`` weights a ``sparsity`` fraction selects (rounded down; the
     epsilon keeps e.g. 100 * 0.29 = 28.999999999999996 from losing a weight)."""
     return math.floor(numel * sparsity + 1e-6)
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """``"2:4"`` -> (2, 4): N of every M consecutive input weights (semi-structured sparsity)."""
+    if pattern is None:
+        return None
+    try:
+        n, m = (int(part) for part in str(pattern).split(":"))
+    except ValueError:
+        raise ValueError(f"pattern {pattern!r} is not N:M, e.g. '2:4' or '4:8'") from None
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern!r} needs 0 < N < M, e.g. '2:4'")
+    return n, m
+
+
+def check_nm_shape(name: str, where: LocalSlice, m: int) -> None:
+    cols = where.full_numel // where.full_shape[0]
+    if cols % m:
+        raise ValueError(f"{name} has {cols} input weights per row, not a multiple of M={m}: "
+                         "exclude it (model.exclude) or choose another pattern")
 
 
 def local_part(full: torch.Tensor, where: LocalSlice) -> torch.Tensor:
