@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import statistics
 from .activations import collect_input_sq_norms
+from .allocation import Allocation, allocate, owl_scores, redundancy_scores
 from .backends.base import Backend
 from .backends.local import LocalBackend
 from .batches import LossOfBatch, make_loss_of_batch, take_batches, to_device
@@ -68,6 +69,8 @@ class GradProbe:
         self.masks: dict[str, torch.Tensor] = {}
         #: target mode: the gradient_threshold whose threshold-mode decision it matched at worst
         self.equivalent_threshold: float | None = None
+        #: sparsity per layer when an allocation spread the target unevenly
+        self.layer_sparsity: dict[str, float] | None = None
         self._mask_hooks: MaskHooks | None = None
 
     # -- public API --------------------------------------------------------------------------
@@ -75,7 +78,8 @@ class GradProbe:
               num_batches: int = 10, reduction_factor: float = 0.1,
               gradient_threshold: float = 0.0, verbose: bool = False, *,
               compute_loss: LossOfBatch | None = None, mode: str = "threshold",
-              oversample: float = 1.5, target_scope: str = "layer") -> dict[str, torch.Tensor]:
+              oversample: float = 1.5, target_scope: str = "layer",
+              allocation: Allocation | None = None) -> dict[str, torch.Tensor]:
         """Probe and prune in place; returns masks (True = pruned) keyed by parameter name.
 
         ``mode="threshold"`` (the original): prune the selected weights whose gradient did not
@@ -84,15 +88,19 @@ class GradProbe:
         the ``sparsity`` fraction with the lowest gradient ratio new/old, per layer
         (``target_scope="layer"``), over all layers (``"global"``), or N of every M with an
         N:M strategy; ``self.equivalent_threshold`` then says which threshold that was.
+        ``allocation`` spreads ``sparsity`` unevenly over layers (``gradprobe_dist.allocation``:
+        ``owl`` from activation outliers, ``gradient`` from the probe's own redundancy
+        measurements, the latter in target mode only); ``self.layer_sparsity`` records it.
         Masks have the local shape of each weight (the full shape unless the backend shards).
         ``compute_loss(model, batch) -> loss`` replaces the default batch handling.
         """
         check_prune_args(sparsity, num_batches, reduction_factor, gradient_threshold)
         check_mode(mode, oversample, target_scope)
         self._check_pattern(sparsity)
-        selection = sparsity if mode == "threshold" else min(1.0, sparsity * oversample)
-        record = self.probe(dataloader, loss_fn, selection, num_batches, reduction_factor,
-                            verbose, compute_loss=compute_loss)
+        self._check_allocation(allocation, mode, target_scope)
+        record = self.probe(dataloader, loss_fn, sparsity, num_batches, reduction_factor,
+                            verbose, compute_loss=compute_loss, allocation=allocation,
+                            oversample=oversample if mode == "target" else 1.0)
         if mode == "threshold":
             masks = record.masks(gradient_threshold)
         else:
@@ -182,25 +190,34 @@ class GradProbe:
 
     def probe(self, dataloader: Iterable, loss_fn: Callable | None, sparsity: float,
               num_batches: int, reduction_factor: float, verbose: bool = False, *,
-              compute_loss: LossOfBatch | None = None) -> ProbeRecord:
+              compute_loss: LossOfBatch | None = None, oversample: float = 1.0,
+              allocation: Allocation | None = None) -> ProbeRecord:
         """Run both gradient passes; return what they measured. The weights end unchanged.
 
-        ``sparsity`` here is what the strategy selects tentatively (up to 1.0).
+        The strategy tentatively selects ``oversample`` x ``sparsity`` of each layer (capped at
+        1), with ``sparsity`` spread over layers by an ``owl`` allocation; a ``gradient``
+        allocation is computed after the passes. Either is kept in ``self.layer_sparsity``.
         """
-        check_prune_args(0.0, num_batches, reduction_factor, 0.0)
-        if not 0.0 <= sparsity <= 1.0:
-            raise ValueError(f"tentative sparsity={sparsity} is outside [0, 1]")
+        check_prune_args(sparsity, num_batches, reduction_factor, 0.0)
+        self.layer_sparsity = None
         batches = take_batches(dataloader, num_batches)
         loss_of = make_loss_of_batch(loss_fn, compute_loss)
         modes = {m: m.training for m in self.model.modules()}
         self.model.eval()  # dropout off: both passes must see the same function
         self._wrapped = self.backend.prepare(self.model, self.param_names)
         self.backend.zero_grad()  # gradients left by earlier training must not leak in
+        owl = allocation is not None and allocation.kind == "owl"
         try:
-            with collect_input_sq_norms(self.owners if self.strategy.needs_activations else {}) as norms:
+            with collect_input_sq_norms(self.owners if self.strategy.needs_activations or owl else {}) as norms:
                 baseline = self._gradient_pass(batches, loss_of, "baseline", verbose)
             context = self._selection_context(norms)
-            tentative = self._checked_masks(self.strategy.select(context, sparsity))
+            if owl:
+                self.layer_sparsity = self._allocate(allocation, sparsity, owl_scores(
+                    context.weights, context.slices, context.input_sq_norms, allocation.outlier_factor,
+                    self.backend))
+            context.layer_sparsity = {n: min(1.0, s * oversample) for n, s in
+                                      (self.layer_sparsity or dict.fromkeys(self.param_names, sparsity)).items()}
+            tentative = self._checked_masks(self.strategy.select(context, min(1.0, sparsity * oversample)))
             layers = self._scale_selected(tentative, baseline, reduction_factor)
             record = ProbeRecord(layers)
             try:
@@ -209,6 +226,9 @@ class GradProbe:
                 self._restore(record)
             for name, layer in layers.items():
                 layer.new = reduced.pop(name)[layer.tentative.to(self._stat_device(name))]
+            if allocation is not None and allocation.kind == "gradient":
+                self.layer_sparsity = self._allocate(allocation, sparsity,
+                                                     redundancy_scores(record, self.backend), record)
             return record
         finally:
             for module, training in modes.items():
@@ -254,7 +274,9 @@ class GradProbe:
                 k = min(count_to_select(sum(numels), sparsity), int(tentative.sum()))
                 picked = self.backend.select_smallest(list(ratios.values()), k)
             else:
-                ks = [min(count_to_select(numel, sparsity), int(t)) for numel, t in zip(numels, tentative)]
+                per_layer = self.layer_sparsity or dict.fromkeys(record.layers, sparsity)
+                ks = [min(count_to_select(numel, per_layer[n]), int(t))
+                      for n, numel, t in zip(record.layers, numels, tentative)]
                 picked = self.backend.select_smallest_each(list(ratios.values()), ks)
             masks = {n: layer.expand(p) for (n, layer), p in zip(record.layers.items(), picked)}
         worst = max((float(ratios[n][masks[n][l.tentative]].max()) for n, l in record.layers.items()
@@ -391,6 +413,31 @@ class GradProbe:
             log.info("%s: %d tentatively selected, %d pruned, %d restored; sparsity %.2f%% "
                      "(target %.2f%%)", self.strategy.get_name(), tentative, pruned,
                      tentative - pruned, 100 * sparsity, 100 * target)
+
+    def _allocate(self, allocation: Allocation, sparsity: float, scores: dict[str, float],
+                  record: ProbeRecord | None = None) -> dict[str, float]:
+        """Layer sparsities from scores; after the probe a layer can't exceed what it selected."""
+        numels = {n: self.backend.local_slice(n).full_numel for n in self.param_names}
+        high = allocation.max_sparsity
+        if record is not None:
+            tentative = self.backend.sum_over_shards(torch.tensor(
+                [float(l.tentative.sum()) for l in record.layers.values()], dtype=torch.float64))
+            high = min([high] + [float(t) / numels[n] for n, t in zip(record.layers, tentative)])
+        if high < sparsity:
+            raise ValueError(f"allocation cannot reach sparsity {sparsity}: a layer is capped at "
+                             f"{high:.3f}; raise oversample or allocation.max_sparsity")
+        return allocate(scores, numels, sparsity, allocation.spread, allocation.min_sparsity, high)
+
+    def _check_allocation(self, allocation: Allocation | None, mode: str, target_scope: str) -> None:
+        if allocation is None or allocation.kind == "uniform":
+            return
+        if allocation.kind == "gradient" and mode != "target":
+            raise ValueError("allocation kind 'gradient' decides layer sparsities from the probe's "
+                             "ratios, so it needs mode='target'")
+        if target_scope != "layer" or getattr(self.strategy, "nm", None) or \
+                getattr(self.strategy, "scope", "layer") != "layer":
+            raise ValueError("a per-layer allocation needs per-layer selection: use a layer-scoped "
+                             "strategy (not global or N:M) and target_scope='layer'")
 
     def _check_nm_masks(self, masks: dict[str, torch.Tensor], exact: bool) -> None:
         """Every N:M-pruned layer must hold at most (threshold) or exactly (target) N zeros

@@ -34,6 +34,12 @@ class SelectionContext:
     input_sq_norms: dict[str, torch.Tensor] = field(default_factory=dict)
     #: the unwrapped model, given to user strategies when weights are whole on every rank.
     model: nn.Module | None = None
+    #: per-layer selection sparsity when an allocation spreads the target unevenly
+    layer_sparsity: dict[str, float] | None = None
+
+    def sparsity_of(self, name: str, sparsity: float) -> float:
+        """The selection sparsity of layer ``name`` (``sparsity`` unless allocated per layer)."""
+        return self.layer_sparsity[name] if self.layer_sparsity else sparsity
 
     @classmethod
     def for_model(cls, model: nn.Module, names: list[str] | None = None) -> "SelectionContext":

@@ -44,5 +44,5 @@ class MagnitudePruning(PruningStrategy):
         if self.scope == "global":
             total = sum(s.full_numel for s in context.slices.values())
             return context.select_smallest(scores, count_to_select(total, sparsity))
-        ks = {n: count_to_select(context.slices[n].full_numel, sparsity) for n in scores}
+        ks = {n: count_to_select(context.slices[n].full_numel, context.sparsity_of(n, sparsity)) for n in scores}
         return context.select_smallest_each(scores, ks)

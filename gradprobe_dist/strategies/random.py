@@ -29,5 +29,5 @@ class RandomPruning(PruningStrategy):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
             full = torch.rand(where.full_shape, generator=gen)
             scores[name] = local_part(full, where).to(context.weights[name].device)
-        ks = {n: count_to_select(context.slices[n].full_numel, sparsity) for n in scores}
+        ks = {n: count_to_select(context.slices[n].full_numel, context.sparsity_of(n, sparsity)) for n in scores}
         return context.select_smallest_each(scores, ks)
