@@ -1,5 +1,8 @@
 """Input-feature norms of prunable layers, collected by forward hooks (for Wanda).
 
+A linear layer's input is [..., in_features] whichever way it stores its weight (nn.Linear
+[out, in], GPT-2's Conv1D [in, out]); a convolution's input has channels in dim 1.
+
 Hooks are registered and removed in one place, a context manager, removed in ``finally``.
 """
 from __future__ import annotations
@@ -9,11 +12,13 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from .params import stores_transposed
+
 
 def _feature_sq_sum(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Sum over tokens (and spatial positions) of x_j^2 for each input feature j."""
     x = x.detach().float()
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or stores_transposed(module):
         return x.reshape(-1, x.shape[-1]).pow(2).sum(0)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if module.groups != 1:

@@ -61,21 +61,15 @@ def allocate(scores: dict[str, float], numels: dict[str, int], target: float,
     return dict(zip(names, values.tolist()))
 
 
-def local_wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor, where) -> torch.Tensor:
-    """|W_ij| * ||X_j|| for this rank's part of a weight, flattened, in any layout."""
-    start, stop = where.flat_range()
-    row_len = where.full_numel // where.full_shape[0]
-    kernel = row_len // input_sq_norm.numel()
-    column = (torch.arange(start, stop, device=weight.device) % row_len) // kernel
-    return weight.detach().abs().float().reshape(-1) * input_sq_norm.float().sqrt().to(weight.device)[column]
-
-
 def owl_scores(weights: dict[str, torch.Tensor], slices: dict, input_sq_norms: dict[str, torch.Tensor],
-               outlier_factor: float, backend) -> dict[str, float]:
+               outlier_factor: float, backend, transposed: frozenset[str] = frozenset()) -> dict[str, float]:
     """Minus each layer's outlier ratio of Wanda scores (fewer outliers -> more prunable):
     the share of scores above ``outlier_factor`` x the layer mean; sums run over every
     rank's shard so each rank gets the same numbers."""
-    scores = {n: local_wanda_scores(w, input_sq_norms[n], slices[n]) for n, w in weights.items()}
+    from .strategies.wanda import wanda_scores
+
+    scores = {n: wanda_scores(w, input_sq_norms[n], slices[n], n in transposed).reshape(-1)
+              for n, w in weights.items()}
     sums = backend.sum_over_shards(torch.tensor([[float(s.sum()), s.numel()] for s in scores.values()],
                                                 dtype=torch.float64))
     means = sums[:, 0] / sums[:, 1].clamp(min=1)

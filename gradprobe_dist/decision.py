@@ -86,6 +86,9 @@ class ProbeRecord:
     """Everything the two gradient passes measured, keyed by parameter name."""
 
     layers: dict[str, LayerProbe]
+    #: per Linear layer, H = 2 X X^T of its calibration inputs (only when asked for, to
+    #: reconstruct the kept weights after the decision; see ``compensation``)
+    hessians: dict[str, torch.Tensor] | None = None
 
     def masks(self, gradient_threshold: float) -> dict[str, torch.Tensor]:
         return {n: layer.threshold_mask(gradient_threshold) for n, layer in self.layers.items()}

@@ -1,4 +1,5 @@
-"""Which parameters are prunable: by default the weights of Linear and Conv layers.
+"""Which parameters are prunable: by default the weights of Linear and Conv layers,
+including the transposed linear layer of GPT-2 (``transformers.pytorch_utils.Conv1D``).
 
 Biases and norm parameters are never pruned by default; embeddings and an output head
 (tied to an embedding, returned by ``get_output_embeddings()``, or named ``lm_head``) are
@@ -7,12 +8,26 @@ parameter names: ``include`` replaces the default candidates, ``exclude`` remove
 """
 from __future__ import annotations
 
+import sys
 from fnmatch import fnmatch
 
 import torch.nn as nn
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DEFAULT_EXCLUDE = ("lm_head.*", "*.lm_head.*")
+
+
+def transposed_linear_types() -> tuple[type, ...]:
+    """Linear layers that store their weight as [in_features, out_features] (GPT-2's
+    ``Conv1D``). Looked up only once transformers is loaded: a model holding such a layer
+    has imported it, and other users do not pay for importing transformers."""
+    hf_utils = sys.modules.get("transformers.pytorch_utils")
+    return (hf_utils.Conv1D,) if hf_utils is not None else ()
+
+
+def stores_transposed(module: nn.Module) -> bool:
+    """True when ``module.weight`` is [in, out]: an output feature is a column, not a row."""
+    return isinstance(module, transposed_linear_types())
 
 
 def find_prunable(model: nn.Module, include: list[str] | None = None,
@@ -27,16 +42,17 @@ def find_prunable(model: nn.Module, include: list[str] | None = None,
         chosen = [n for n in names if any(fnmatch(n, pat) for pat in include)]
     else:
         heads = _output_heads(model)
-        chosen = [n for n in names if n.endswith("weight") and isinstance(owners[n], PRUNABLE_TYPES)
+        types = PRUNABLE_TYPES + transposed_linear_types()
+        chosen = [n for n in names if n.endswith("weight") and isinstance(owners[n], types)
                   and id(owners[n]) not in heads]
     patterns = list(DEFAULT_EXCLUDE) + list(exclude or [])
     chosen = [n for n in chosen if not any(fnmatch(n, pat) for pat in patterns)]
     if not chosen:
         raise ValueError(
-            "the model has no prunable parameters: by default only the weights of nn.Linear "
-            "and nn.Conv1d/2d/3d layers are pruned (embeddings and the output head are "
-            f"excluded; include={include}, exclude={exclude}); pass include=['pattern*'] to "
-            "choose parameters by name")
+            "the model has no prunable parameters: by default only the weights of nn.Linear, "
+            "nn.Conv1d/2d/3d and transformers' Conv1D layers are pruned (embeddings and the "
+            f"output head are excluded; include={include}, exclude={exclude}); pass "
+            "include=['pattern*'] to choose parameters by name")
     return {n: owners[n] for n in chosen}
 
 

@@ -25,11 +25,12 @@ from .allocation import Allocation, allocate, owl_scores, redundancy_scores
 from .backends.base import Backend
 from .backends.local import LocalBackend
 from .batches import LossOfBatch, make_loss_of_batch, take_batches, to_device
+from .compensation import average_over_ranks, collect_input_hessians, compensate
 from .decision import LayerProbe, ProbeRecord, check_nm, lowest_in_groups
 from .log import get_logger
 from .masking import MaskHooks, keep_pruned
 from .params import find_prunable
-from .strategies.base import PruningStrategy, SelectionContext, count_to_select
+from .strategies.base import PruningStrategy, SelectionContext, count_to_select, transposed_names
 from .validation import check_prune_args, check_threshold
 
 log = get_logger(__name__)
@@ -79,7 +80,7 @@ class GradProbe:
               gradient_threshold: float = 0.0, verbose: bool = False, *,
               compute_loss: LossOfBatch | None = None, mode: str = "threshold",
               oversample: float = 1.5, target_scope: str = "layer",
-              allocation: Allocation | None = None) -> dict[str, torch.Tensor]:
+              allocation: Allocation | None = None, reconstruct: bool = False) -> dict[str, torch.Tensor]:
         """Probe and prune in place; returns masks (True = pruned) keyed by parameter name.
 
         ``mode="threshold"`` (the original): prune the selected weights whose gradient did not
@@ -91,6 +92,8 @@ class GradProbe:
         ``allocation`` spreads ``sparsity`` unevenly over layers (``gradprobe_dist.allocation``:
         ``owl`` from activation outliers, ``gradient`` from the probe's own redundancy
         measurements, the latter in target mode only); ``self.layer_sparsity`` records it.
+        ``reconstruct=True`` then updates the kept weights of every Linear layer with
+        SparseGPT's OBS update, the mask held fixed (``gradprobe_dist.compensation``).
         Masks have the local shape of each weight (the full shape unless the backend shards).
         ``compute_loss(model, batch) -> loss`` replaces the default batch handling.
         """
@@ -100,13 +103,16 @@ class GradProbe:
         self._check_allocation(allocation, mode, target_scope)
         record = self.probe(dataloader, loss_fn, sparsity, num_batches, reduction_factor,
                             verbose, compute_loss=compute_loss, allocation=allocation,
-                            oversample=oversample if mode == "target" else 1.0)
+                            oversample=oversample if mode == "target" else 1.0,
+                            hessians=reconstruct)
         if mode == "threshold":
             masks = record.masks(gradient_threshold)
         else:
             masks = self.target_masks(record, sparsity, target_scope)
         self._check_nm_masks(masks, exact=mode == "target")
         self.masks = self.apply_masks(record, masks)
+        if reconstruct:
+            compensate(self.backend, record, masks)
         if verbose:
             self._report(record, sparsity)
         return self.masks
@@ -191,12 +197,13 @@ class GradProbe:
     def probe(self, dataloader: Iterable, loss_fn: Callable | None, sparsity: float,
               num_batches: int, reduction_factor: float, verbose: bool = False, *,
               compute_loss: LossOfBatch | None = None, oversample: float = 1.0,
-              allocation: Allocation | None = None) -> ProbeRecord:
+              allocation: Allocation | None = None, hessians: bool = False) -> ProbeRecord:
         """Run both gradient passes; return what they measured. The weights end unchanged.
 
         The strategy tentatively selects ``oversample`` x ``sparsity`` of each layer (capped at
         1), with ``sparsity`` spread over layers by an ``owl`` allocation; a ``gradient``
         allocation is computed after the passes. Either is kept in ``self.layer_sparsity``.
+        ``hessians=True`` also records each Linear layer's input Hessian (for reconstruction).
         """
         check_prune_args(sparsity, num_batches, reduction_factor, 0.0)
         self.layer_sparsity = None
@@ -208,18 +215,19 @@ class GradProbe:
         self.backend.zero_grad()  # gradients left by earlier training must not leak in
         owl = allocation is not None and allocation.kind == "owl"
         try:
-            with collect_input_sq_norms(self.owners if self.strategy.needs_activations or owl else {}) as norms:
+            with collect_input_sq_norms(self.owners if self.strategy.needs_activations or owl else {}) as norms, \
+                    collect_input_hessians(self.owners if hessians else {}) as local_hessians:
                 baseline = self._gradient_pass(batches, loss_of, "baseline", verbose)
             context = self._selection_context(norms)
             if owl:
                 self.layer_sparsity = self._allocate(allocation, sparsity, owl_scores(
                     context.weights, context.slices, context.input_sq_norms, allocation.outlier_factor,
-                    self.backend))
+                    self.backend, context.transposed))
             context.layer_sparsity = {n: min(1.0, s * oversample) for n, s in
                                       (self.layer_sparsity or dict.fromkeys(self.param_names, sparsity)).items()}
             tentative = self._checked_masks(self.strategy.select(context, min(1.0, sparsity * oversample)))
             layers = self._scale_selected(tentative, baseline, reduction_factor)
-            record = ProbeRecord(layers)
+            record = ProbeRecord(layers, average_over_ranks(local_hessians, self.backend) if hessians else None)
             try:
                 reduced = self._gradient_pass(batches, loss_of, "reduced", verbose)
             finally:
@@ -351,7 +359,8 @@ class GradProbe:
         return SelectionContext(
             weights={n: backend.local_weight(n) for n in self.param_names},
             slices={n: backend.local_slice(n) for n in self.param_names},
-            backend=backend, input_sq_norms=norms, model=self.model)
+            backend=backend, input_sq_norms=norms, model=self.model,
+            transposed=transposed_names(self.owners))
 
     def _checked_masks(self, masks) -> dict[str, torch.Tensor]:
         """Validate a strategy's output; masks for non-prunable parameters are ignored."""

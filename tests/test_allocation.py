@@ -5,7 +5,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradprobe_dist import GradProbe, MagnitudePruning, SimpleMLP, WandaPruning
-from gradprobe_dist.allocation import Allocation, allocate, local_wanda_scores, owl_scores
+from gradprobe_dist.allocation import Allocation, allocate, owl_scores
+from gradprobe_dist.strategies.wanda import wanda_scores
 from gradprobe_dist.backends.base import LocalSlice
 from gradprobe_dist.backends.local import LocalBackend
 
@@ -33,7 +34,7 @@ def test_owl_scores_match_direct_outlier_ratio():
     got = owl_scores(w, slices, norms, outlier_factor=2.0, backend=LocalBackend())
     for n in w:
         score = w[n].abs() * norms[n].sqrt()
-        assert torch.allclose(local_wanda_scores(w[n], norms[n], slices[n]), score.reshape(-1))
+        assert torch.allclose(wanda_scores(w[n], norms[n], slices[n]), score)
         assert got[n] == pytest.approx(-float((score > 2.0 * score.mean()).float().mean()))
 
 

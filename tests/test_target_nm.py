@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradprobe_dist import GradProbe, MagnitudePruning, SimpleMLP
+from gradprobe_dist import GradProbe, MagnitudePruning, SimpleMLP, WandaPruning
 from gradprobe_dist.decision import check_nm, gradient_ratio, lowest_in_groups
 
 
@@ -71,6 +71,14 @@ def test_target_mode_beats_the_threshold_mode_shortfall():
     tgt.prune(loader, nn.CrossEntropyLoss(), 0.5, 4, mode="target")
     assert GradProbe(thr, MagnitudePruning()).get_sparsity() < 0.5 - 1e-3
     assert abs(tgt.get_sparsity() - 0.5) < 1e-3
+
+
+def test_wanda_nm_target_exactly_n():
+    model, loader = _setup()
+    masks = GradProbe(model, WandaPruning(pattern="2:4")).prune(
+        loader, nn.CrossEntropyLoss(), 0.5, 4, mode="target")
+    for mask in masks.values():
+        check_nm(mask, 2, 4, exact=True)
 
 
 @pytest.mark.parametrize("pattern, n, m", [("2:4", 2, 4), ("4:8", 4, 8)])

@@ -36,6 +36,8 @@ class SelectionContext:
     model: nn.Module | None = None
     #: per-layer selection sparsity when an allocation spreads the target unevenly
     layer_sparsity: dict[str, float] | None = None
+    #: weights stored as [in, out] (GPT-2's Conv1D): an output feature is a column
+    transposed: frozenset[str] = frozenset()
 
     def sparsity_of(self, name: str, sparsity: float) -> float:
         """The selection sparsity of layer ``name`` (``sparsity`` unless allocated per layer)."""
@@ -47,13 +49,14 @@ class SelectionContext:
         from ..backends.local import LocalBackend
         from ..params import find_prunable
 
-        names = names or list(find_prunable(model))
+        owners = find_prunable(model)
+        names = names or list(owners)
         params = dict(model.named_parameters())
         backend = LocalBackend(device=next(model.parameters()).device)
         backend.prepare(model, names)
         return cls(weights={n: params[n].data for n in names},
                    slices={n: LocalSlice(params[n].shape, "full") for n in names},
-                   backend=backend, model=model)
+                   backend=backend, model=model, transposed=transposed_names(owners))
 
     def select_smallest(self, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
         """Exactly ``k`` smallest scores over all layers and ranks (ties: model order)."""
@@ -66,17 +69,31 @@ class SelectionContext:
         masks = self.backend.select_smallest_each(list(scores.values()), [ks[n] for n in scores])
         return dict(zip(scores, masks))
 
-    def select_in_rows(self, name: str, local_scores: torch.Tensor, choose) -> torch.Tensor:
-        """Apply ``choose(scores[rows, cols]) -> mask`` to whole output rows of weight ``name``
-        and return this rank's local mask. Rows are whole locally (one process, DDP, FSDP2
-        ``Shard(0)``); ZeRO-3's flat partitions cut rows, so that one layer is gathered on the
-        main rank, decided there and scattered back (memory: one layer at a time)."""
+    def inputs_per_output(self, name: str) -> int:
+        """How many input weights feed one output feature of weight ``name``."""
         where = self.slices[name]
-        rows = where.full_shape[0]
-        if where.layout != "flat":
-            return choose(local_scores.reshape(local_scores.shape[0], -1)).reshape(local_scores.shape)
+        if name in self.transposed:
+            return int(where.full_shape[0])
+        return where.full_numel // where.full_shape[0]
+
+    def select_in_rows(self, name: str, local_scores: torch.Tensor, choose) -> torch.Tensor:
+        """Apply ``choose(scores[outputs, inputs]) -> mask`` to whole output features of
+        weight ``name`` and return this rank's local mask. They are local when the rank holds
+        the whole weight, or whole rows of an [out, in] weight (FSDP2 ``Shard(0)``); ZeRO-3's
+        flat partitions and FSDP2 rows of an [in, out] weight cut them, so that one layer is
+        gathered on the main rank, decided there and scattered back (one layer in memory)."""
+        where = self.slices[name]
+        transposed = name in self.transposed
+
+        def by_output(scores: torch.Tensor) -> torch.Tensor:
+            if transposed:
+                return choose(scores.T).T.contiguous()
+            return choose(scores.reshape(scores.shape[0], -1)).reshape(scores.shape)
+
+        if where.layout == "full" or (where.layout == "rows" and not transposed):
+            return by_output(local_scores)
         full = self.backend.gather_full(name, local_scores)
-        full_mask = choose(full.reshape(rows, -1)).reshape(where.full_shape) if full is not None else None
+        full_mask = by_output(full.reshape(where.full_shape)) if full is not None else None
         return self.backend.scatter_full(name, full_mask)
 
     def as_module(self) -> nn.Module | "LocalWeightsView":
@@ -125,6 +142,13 @@ def count_to_select(numel: int, sparsity: float) -> int:
     return math.floor(numel * sparsity + 1e-6)
 
 
+def transposed_names(owners: dict[str, nn.Module]) -> frozenset[str]:
+    """Names of weights whose owner stores them as [in, out]."""
+    from ..params import stores_transposed
+
+    return frozenset(n for n, m in owners.items() if stores_transposed(m))
+
+
 def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
     """``"2:4"`` -> (2, 4): N of every M consecutive input weights (semi-structured sparsity)."""
     if pattern is None:
@@ -138,8 +162,8 @@ def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
     return n, m
 
 
-def check_nm_shape(name: str, where: LocalSlice, m: int) -> None:
-    cols = where.full_numel // where.full_shape[0]
+def check_nm_shape(context: SelectionContext, name: str, m: int) -> None:
+    cols = context.inputs_per_output(name)
     if cols % m:
         raise ValueError(f"{name} has {cols} input weights per row, not a multiple of M={m}: "
                          "exclude it (model.exclude) or choose another pattern")

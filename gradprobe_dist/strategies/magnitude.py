@@ -37,8 +37,8 @@ class MagnitudePruning(PruningStrategy):
         if self.nm:
             m = self.nm[1]
             k = count_to_select(m, sparsity)
-            for name, where in context.slices.items():
-                check_nm_shape(name, where, m)
+            for name in context.slices:
+                check_nm_shape(context, name, m)
             return {n: context.select_in_rows(n, s, lambda rows: lowest_in_groups(rows, k, m))
                     for n, s in scores.items()}
         if self.scope == "global":
