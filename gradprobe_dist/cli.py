@@ -1,7 +1,11 @@
 """`gradprobe` / `python -m gradprobe_dist`: a thin entry over the pipeline.
 
 Every subcommand works as one plain process and under torchrun/srun (the process group is
-joined from the launcher's environment); only rank 0 prints and writes.
+joined from the launcher's environment); only rank 0 prints and writes. A mistake in the
+input (config, paths, a checkpoint that does not fit) ends with one ``[rank N] ERROR`` line
+and exit status 2, not a traceback (``GRADPROBE_LOG_LEVEL=DEBUG`` adds the traceback).
+Under torchrun every error also goes to torchelastic's error file, so the launcher's failure
+summary names it even when only rank 0's output is shown.
 """
 from __future__ import annotations
 
@@ -9,6 +13,13 @@ import argparse
 import json
 import logging
 import sys
+import warnings
+
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+from .log import get_logger, is_main_process
+
+EXIT_USAGE = 2
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -18,11 +29,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
-    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--json", action="store_true", help="print only the result, as JSON, on stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradprobe", description="Gradient-probing pruner")
+    # the deepspeed launcher inserts --local_rank=N; the rank comes from the environment anyway
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="probe and prune in stages, checkpointing each layer's mask")
@@ -36,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(p)
     p.add_argument("--out", help="write the sweep results to this JSON file")
 
-    p = sub.add_parser("validate", help="check a config without running anything")
+    p = sub.add_parser("validate", help="check a config and plan its stages without running anything")
     _config_args(p)
+    _output_args(p)
 
     p = sub.add_parser("make-shards", help="write webdataset calibration shards")
+    _output_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", nargs="+", help="text files to cut into token windows")
     src.add_argument("--bundled", choices=["train", "valid"], help="the bundled Shakespeare excerpt")
@@ -51,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (default: bytes)")
     p.add_argument("--max-samples", type=int)
 
-    p = sub.add_parser("train", help="train the configured model on data.shards (one process)")
+    p = sub.add_parser("train", help="train the configured model on data.shards (on rank 0)")
     _config_args(p)
     _output_args(p)
     p.add_argument("--steps", type=int, default=300)
@@ -60,43 +75,71 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="per-layer table of a mask checkpoint")
     p.add_argument("directory")
-    p.add_argument("--json", action="store_true")
+    _output_args(p)
 
     p = sub.add_parser("eval", help="loss/perplexity or accuracy, optionally with a mask checkpoint applied")
     _config_args(p)
     _output_args(p)
-    p.add_argument("--masks", help="mask checkpoint directory to apply first")
+    p.add_argument("--masks", help="mask checkpoint directory to apply first (any world size wrote it)")
 
     p = sub.add_parser("export", help="apply a mask checkpoint and save the pruned model")
     _config_args(p)
+    _output_args(p)
     p.add_argument("--masks", required=True, help="mask checkpoint directory")
     p.add_argument("--out", required=True, help="output: a directory (hf) or a .safetensors file")
     p.add_argument("--torch-prune", action="store_true",
                    help="save weight_orig + weight_mask (torch.nn.utils.prune) instead of plain zeros")
+
+    p = sub.add_parser("plot", help="PNGs of a mask checkpoint: per-layer sparsity, gradient ratios, threshold curve")
+    p.add_argument("directory", help="mask checkpoint (prune output_dir, or an iterative round-NNN)")
+    p.add_argument("--out", required=True, help="directory for the PNG files")
+    p.add_argument("--max-threshold", type=float, default=1.0, help="threshold curve from 0 to this")
+    _output_args(p)
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` overrides may stand between options
+    (``prune --config c.yaml --restart a=1 --quiet b=2``), as users of launch scripts write."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if "=" not in item or item.startswith("-")]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "quiet", False):
-        logging.getLogger("gradprobe_dist").setLevel(logging.WARNING)
+    args = parse_args(argv)
+    logger = get_logger()
+    level = logger.level
+    if args.quiet:
+        logger.setLevel(logging.WARNING)
+    # DeepSpeed calls torch.distributed functions torch has deprecated, once per collective
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
+                            category=FutureWarning)
     from . import commands
+    from .distributed.env import destroy_distributed
+    from .pipeline import MainRankFailed
 
     try:
         result = getattr(commands, args.command.replace("-", "_"))(args)
+    except (ValueError, TypeError, FileNotFoundError, MainRankFailed) as err:
+        logger.debug("traceback of the error below", exc_info=True)
+        logger.error("%s", err)
+        ErrorHandler().record_exception(err)  # a no-op outside torchrun
+        return EXIT_USAGE  # no process-group teardown: another rank may be stuck mid-collective
+    except Exception as err:
+        ErrorHandler().record_exception(err)
+        raise
     finally:
-        from .distributed.env import destroy_distributed
-
-        destroy_distributed()
-    if result is not None and getattr(args, "json", False) and _is_main():
-        print(json.dumps(result, indent=2, default=str))
+        logger.setLevel(level)
+    destroy_distributed()
+    if args.json and result is not None and is_main_process():
+        print(json.dumps(result, indent=2, default=str), flush=True)
     return 0
-
-
-def _is_main() -> bool:
-    from .log import is_main_process
-
-    return is_main_process()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,22 @@
-"""The subcommands behind the CLI; each returns a JSON-able result (printed with --json)."""
+"""The subcommands behind the CLI; each returns a JSON-able result (printed with --json).
+
+Commands that need every rank (prune, sweep, eval) join the launcher's process group and run
+through ``PruneJob``; the others (make-shards, train, validate, inspect, export) do their
+work on rank 0 only, so they also run unchanged under torchrun. Human-readable output goes
+to stdout on rank 0 unless --json asks for the JSON result alone.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
 from pathlib import Path
 
 from .checkpoint import MaskCheckpoint, apply_masks, load_masks
-from .config import dump_config, load_config
+from .config import RunConfig, dump_config, load_config
 from .distributed.env import init_distributed
-from .log import get_logger
+from .log import get_logger, is_main_process
 
 log = get_logger(__name__)
 
@@ -17,70 +26,85 @@ def _job(args: argparse.Namespace):
 
     cfg = load_config(args.config, args.overrides)
     env = init_distributed(device=None if cfg.device == "auto" else cfg.device)
-    return PruneJob(cfg, env, show_progress=not getattr(args, "quiet", False)), cfg, env
+    return PruneJob(cfg, env, show_progress=not args.quiet), cfg, env
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """Human output: rank 0 only, and not when --json wants stdout to be JSON."""
+    if is_main_process() and not args.json:
+        print(text, flush=True)
 
 
 def prune(args):
     job, cfg, env = _job(args)
-    before = job.evaluate(cfg.data.eval_shards, cfg.data.eval_batches) if args.eval else None
-    result = job.run(restart=args.restart)
-    after = job.evaluate(cfg.data.eval_shards, cfg.data.eval_batches) if args.eval else None
-    if env.is_main and not args.json:
-        print(format_table(result.rows))
-        print(f"sparsity over prunable weights: {100 * result.sparsity:.2f}% (target "
-              f"{100 * cfg.prune.sparsity:.0f}%); {len(result.layers_written)} layers written, "
-              f"{result.stages_skipped}/{result.stages} stages resumed from {cfg.output_dir}; "
-              f"{result.seconds:.1f} s on {env.world_size} rank(s), parallel={cfg.parallel}")
-        if before is not None:
-            print(_eval_line("before pruning", before))
-            print(_eval_line("after pruning ", after))
+    with job:
+        before = job.evaluate() if args.eval else None
+        result = job.run(restart=args.restart)
+        after = job.evaluate() if args.eval else None
+    _say(args, format_table(result.rows))
+    _say(args, f"sparsity over prunable weights: {100 * result.sparsity:.2f}% (target "
+               f"{100 * cfg.prune.sparsity:.0f}%); {len(result.layers_written)} layers written, "
+               f"{result.stages_skipped}/{result.stages} stages resumed from {cfg.output_dir}; "
+               f"{result.seconds:.1f} s on {env.world_size} rank(s)")
+    if before is not None:
+        _say(args, eval_line("before pruning", before))
+        _say(args, eval_line("after pruning ", after))
     return {"sparsity": result.sparsity, "layers": result.rows, "layers_written": result.layers_written,
             "stages": result.stages, "stages_resumed": result.stages_skipped,
-            "seconds": result.seconds, "eval_before": before, "eval_after": after}
+            "seconds": result.seconds, "world_size": env.world_size,
+            "eval_before": before, "eval_after": after}
 
 
 def sweep(args):
-    import json
-
-    from .evaluate import evaluate
-    from .probe import GradProbe
-    from .strategies import build_strategy
-
-    job, cfg, env = _job(args)
-    from .data.loader import calibration_batches
-
-    eval_batches = calibration_batches(cfg.data.eval_shards, micro_batch_size=cfg.data.micro_batch_size,
-                                       num_batches=cfg.data.eval_batches, rank=env.rank,
-                                       world_size=env.world_size)
-    probe = GradProbe(job.model, build_strategy(cfg.prune.strategy, **cfg.prune.strategy_options),
-                      backend=job.backend, statistic=cfg.prune.statistic, include=job.names)
-    results = probe.sweep_gradient_thresholds(
-        job.batches, None, lambda model: evaluate(probe._wrapped, eval_batches, job.backend),
-        sparsity=cfg.prune.sparsity, thresholds=cfg.prune.thresholds,
-        num_batches=cfg.prune.num_batches, verbose=not args.quiet,
-        reduction_factor=cfg.prune.reduction_factor)
-    if env.is_main:
-        if not args.json:
-            print("threshold  sparsity  weights_pruned  metric")
-            for t, s, n, m in zip(results["thresholds"], results["sparsities"],
-                                  results["weights_pruned"], results["metrics"]):
-                print(f"{t:9.3f}  {100 * s:7.2f}%  {n:14d}  {m}")
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
+    job, _, _ = _job(args)
+    with job:
+        results = job.sweep(show_progress=not args.quiet)
+    lines = ["threshold  sparsity  weights_pruned  metric"]
+    for t, s, n, m in zip(results["thresholds"], results["sparsities"], results["weights_pruned"],
+                          results["metrics"]):
+        lines.append(f"{t:9.3f}  {100 * s:7.2f}%  {n:14d}  {metrics_text(m)}")
+    _say(args, "\n".join(lines))
+    if args.out and is_main_process():
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
     return results
 
 
 def validate(args):
+    """Parse and check the config, plan the stages of a built-in model; nothing runs."""
     cfg = load_config(args.config, args.overrides)
-    print(dump_config(cfg), end="")
-    print(f"# config OK; mask fingerprint {cfg.fingerprint()[:16]}")
+    stages = plan_stages_of(cfg)
+    if not is_main_process():
+        return None
+    _say(args, dump_config(cfg).rstrip())
+    if stages is not None:
+        for i, stage in enumerate(stages):
+            _say(args, f"# stage {i + 1}/{len(stages)}: {len(stage)} layers ({stage[0]} ... {stage[-1]})")
+    _say(args, f"# config OK; mask fingerprint {cfg.fingerprint()[:16]}")
+    return {"config": dataclasses.asdict(cfg), "mask_fingerprint": cfg.fingerprint(), "stages": stages}
+
+
+def plan_stages_of(cfg: RunConfig) -> list[list[str]] | None:
+    """The stage plan, from a weightless copy of a built-in model (None for hf models, whose
+    layout is only known once they load)."""
+    if cfg.model.kind == "hf":
+        return None
+    import torch
+
+    from .factory import build_model
+    from .params import find_prunable
+    from .pipeline import plan_stages
+
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(cfg.model, path=None))
+    names = list(find_prunable(model, cfg.model.include, cfg.model.exclude))
+    return plan_stages(model, names, cfg.prune.stage_size, cfg.prune.stages)
 
 
 def make_shards(args):
     from .data.shards import bundled_text_path, write_tensor_shards, write_text_shards
 
-    env = init_distributed(device="cpu")
-    if not env.is_main:
+    if not is_main_process():
         return None
     if args.inputs:
         if not args.targets:
@@ -92,61 +116,61 @@ def make_shards(args):
         paths = write_text_shards(files, args.out, seq_len=args.seq_len,
                                   samples_per_shard=args.samples_per_shard,
                                   tokenizer=args.tokenizer, max_samples=args.max_samples)
-    print(f"wrote {len(paths)} shards to {args.out}")
+    _say(args, f"wrote {len(paths)} shards to {args.out}")
     return {"shards": [str(p) for p in paths]}
 
 
 def train(args):
+    """Train on rank 0 (the demo's model is small); other ranks have nothing to do."""
+    import torch
+
     from .factory import build_model, save_weights
     from .train import train_model
 
     cfg = load_config(args.config, args.overrides)
-    env = init_distributed(device="cpu")
-    if not env.is_main:
+    if not is_main_process():
         return None
-    import torch
-
-    import dataclasses
-
     torch.manual_seed(cfg.seed)
     model = build_model(dataclasses.replace(cfg.model, path=None))  # model.path is the output
     stats = train_model(model, cfg.data.shards, steps=args.steps, micro_batch_size=cfg.data.micro_batch_size,
                         lr=args.lr, seed=cfg.seed, show_progress=not args.quiet)
     save_weights(model, args.out)
-    if not args.json:
-        print(f"trained {args.steps} steps in {stats['seconds']:.0f} s (last loss "
-              f"{stats['final_train_loss']:.3f}); saved {args.out}")
-    return stats
+    _say(args, f"trained {args.steps} steps in {stats['seconds']:.0f} s (last loss "
+               f"{stats['final_train_loss']:.3f}); saved {args.out}")
+    return {**stats, "out": args.out}
 
 
 def inspect(args):
+    if not is_main_process():
+        return None
     rows = MaskCheckpoint.read(args.directory).summary_rows()
-    if not args.json:
-        print(format_table(rows))
+    _say(args, format_table(rows))
+    pruned, numel = sum(r["pruned"] for r in rows), sum(math.prod(r["shape"]) for r in rows)
+    _say(args, f"{len(rows)} layers, {pruned}/{numel} weights pruned "
+               f"({100 * pruned / numel if numel else 0:.2f}%)")
     return rows
 
 
 def eval(args):  # noqa: A001 - the subcommand's name
-    job, cfg, env = _job(args)
-    if args.masks:
-        ckpt = job.on_main(lambda: MaskCheckpoint.read(args.masks))
-        names = job.backend.broadcast_object(ckpt.completed() if ckpt is not None else None)
-        job.apply_checkpoint(ckpt, names)
-    metrics = job.evaluate(cfg.data.eval_shards, cfg.data.eval_batches)
-    if env.is_main and not args.json:
-        print(_eval_line("masks " + (args.masks or "none"), metrics))
+    job, _, _ = _job(args)
+    with job:
+        if args.masks:
+            job.apply_checkpoint(*job.read_checkpoint(args.masks))
+        metrics = job.evaluate()
+    _say(args, eval_line("masks " + (args.masks or "none"), metrics))
     return metrics
 
 
 def export(args):
-    from .factory import build_model, save_weights
+    """Apply a mask checkpoint to the configured model on rank 0 and save it."""
+    from .factory import save_weights
     from .masking import to_torch_prune
+    from .pipeline import build_configured_model
 
     cfg = load_config(args.config, args.overrides)
-    env = init_distributed(device="cpu")
-    if not env.is_main:
+    if not is_main_process():
         return None
-    model = build_model(cfg.model)
+    model = build_configured_model(cfg)
     masks = apply_masks(model, load_masks(args.masks))
     if args.torch_prune:
         to_torch_prune(model, masks)
@@ -159,7 +183,7 @@ def export(args):
         torch.save(model.state_dict(), args.out)
     else:
         save_weights(model, args.out)
-    print(f"saved the pruned model ({len(masks)} masked weights) to {args.out}")
+    _say(args, f"saved the pruned model ({len(masks)} masked weights) to {args.out}")
     return {"out": args.out, "masked": len(masks)}
 
 
@@ -173,7 +197,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _eval_line(label: str, metrics: dict) -> str:
+def eval_line(label: str, metrics: dict) -> str:
+    return f"{label}: {metrics_text(metrics)}"
+
+
+def metrics_text(metrics: dict) -> str:
     if "perplexity" in metrics:
-        return f"{label}: eval loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.3f} ({metrics['tokens']} tokens)"
-    return f"{label}: accuracy {metrics['accuracy']:.4f} ({metrics['samples']} samples)"
+        return (f"eval loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.3f} "
+                f"({metrics['tokens']} tokens)")
+    return f"accuracy {metrics['accuracy']:.4f} ({metrics['samples']} samples)"
+
+
+def plot(args):
+    from .plots import plot_checkpoint
+
+    if not args.max_threshold > 0:
+        raise ValueError(f"--max-threshold={args.max_threshold} must be > 0, e.g. 0.5")
+    paths = plot_checkpoint(args.directory, args.out,
+                            thresholds=[args.max_threshold * i / 100 for i in range(101)])
+    if not args.json:
+        print("\n".join(map(str, paths)))
+    return {"files": [str(p) for p in paths]}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import types
 import typing
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .allocation import Allocation
 from .statistics import STATISTICS
 from .validation import check_prune_args, check_threshold
 
@@ -45,6 +47,20 @@ class ModelConfig:
             raise ConfigError(f"model.kind={self.kind!r}: choose one of {', '.join(MODEL_KINDS)}")
         if self.kind == "hf" and not self.path:
             raise ConfigError("model.path is required when model.kind is 'hf' (a local model directory)")
+        _check_model_options(self.kind, self.options)
+
+
+def _check_model_options(kind: str, options: dict[str, Any]) -> None:
+    """Built-in models: the options must build the model (checked without building it)."""
+    from .models import SimpleMLP, TinyGPTConfig
+
+    try:
+        if kind == "tinygpt":
+            TinyGPTConfig.from_dict(options)
+        elif kind == "mlp":
+            inspect.signature(SimpleMLP).bind(**options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.options {options} do not fit model.kind={kind!r}: {err}") from None
 
 
 @dataclass
@@ -80,9 +96,20 @@ class PruneConfig:
     stage_size: int = 0
     #: explicit stages, each a list of fnmatch patterns on parameter names (overrides stage_size)
     stages: list[list[str]] | None = None
+    #: threshold: prune what the probe finds redundant (<= sparsity); target: exactly sparsity
+    mode: Literal["threshold", "target"] = "threshold"
+    #: target mode: candidates probed = oversample x sparsity
+    oversample: float = 1.5
+    target_scope: Literal["layer", "global"] = "layer"
+    #: how the sparsity is spread over layers (kind: uniform | owl | gradient)
+    allocation: Allocation = field(default_factory=Allocation)
+    #: update the kept weights of each Linear layer after its mask is decided (SparseGPT's OBS)
+    reconstruct: bool = False
+    #: save each layer's gradient ratios new/old in the checkpoint (for `gradprobe plot`)
+    save_ratios: bool = True
 
     def __post_init__(self):
-        from .strategies import STRATEGIES
+        from .strategies import STRATEGIES, build_strategy
 
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"prune.strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -90,12 +117,27 @@ class PruneConfig:
             raise ConfigError(f"prune.statistic={self.statistic!r}: choose one of {', '.join(STATISTICS)}")
         if self.stage_size < 0:
             raise ConfigError(f"prune.stage_size={self.stage_size} must be >= 0 (0 = one stage)")
+        if self.stages is not None and (not self.stages or not all(self.stages)):
+            raise ConfigError(f"prune.stages={self.stages} has an empty stage: give each stage a "
+                              "list of name patterns, e.g. [['blocks.0.*'], ['blocks.1.*']], or "
+                              "remove prune.stages")
+        if not self.thresholds:
+            raise ConfigError("prune.thresholds is empty: list the thresholds `gradprobe sweep` "
+                              "should try, e.g. [0.0, 0.1, 0.2]")
         try:
             check_prune_args(self.sparsity, self.num_batches, self.reduction_factor, self.gradient_threshold)
             for t in self.thresholds:
                 check_threshold(t)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"prune.{err}") from None
+        if self.oversample < 1:
+            raise ConfigError(f"prune.oversample={self.oversample} must be >= 1")
+        if self.allocation.kind == "gradient" and self.mode != "target":
+            raise ConfigError("prune.allocation.kind=gradient needs prune.mode=target")
+        try:
+            build_strategy(self.strategy, **self.strategy_options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"prune.strategy_options: {err}") from None
 
 
 @dataclass
@@ -117,17 +159,22 @@ class RunConfig:
             raise ConfigError(f"parallel={self.parallel!r}: choose one of {', '.join(PARALLEL_MODES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r}: choose auto, cpu or cuda")
+        if not self.output_dir:
+            raise ConfigError("output_dir is empty: name the directory for the mask checkpoint")
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed} must be >= 0")
 
     def mask_fields(self) -> dict[str, Any]:
-        """The settings that change the masks: a resume must match them exactly."""
+        """The settings that change the masks, keyed by their config key: a resume must match
+        them exactly, and a refusal names the key that differs (e.g. ``prune.sparsity``)."""
         p = self.prune
-        return {"model": dataclasses.asdict(self.model), "strategy": p.strategy,
-                "strategy_options": p.strategy_options, "sparsity": p.sparsity,
-                "num_batches": p.num_batches, "reduction_factor": p.reduction_factor,
-                "gradient_threshold": p.gradient_threshold, "statistic": p.statistic,
-                "stat_dtype": p.stat_dtype, "stage_size": p.stage_size, "stages": p.stages,
-                "data": self.data.shards, "micro_batch_size": self.data.micro_batch_size,
-                "seed": self.seed}
+        fields = {f"prune.{name}": getattr(p, name) for name in (
+            "strategy", "strategy_options", "sparsity", "num_batches", "reduction_factor",
+            "gradient_threshold", "statistic", "stat_dtype", "stage_size", "stages", "mode",
+            "oversample", "target_scope", "reconstruct")}
+        fields["prune.allocation"] = dataclasses.asdict(p.allocation)
+        return {"model": dataclasses.asdict(self.model), **fields, "data.shards": self.data.shards,
+                "data.micro_batch_size": self.data.micro_batch_size, "seed": self.seed}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.mask_fields(), sort_keys=True).encode()).hexdigest()

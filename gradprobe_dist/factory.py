@@ -33,13 +33,17 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist: train or export the model "
                                 "first, or clear model.path")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_model
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_model
 
-        missing, unexpected = load_model(model, path, strict=False)
-    else:
-        result = model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
-        missing, unexpected = result.missing_keys, result.unexpected_keys
+            missing, unexpected = load_model(model, path, strict=False)
+        else:
+            result = model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
+            missing, unexpected = result.missing_keys, result.unexpected_keys
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"weights file {path} does not fit the configured model ({err}); "
+                         "check model.options") from None
     if missing or unexpected:
         raise ValueError(f"weights file {path} does not match the configured model: missing "
                          f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; check model.options")

@@ -10,13 +10,18 @@ missing layers are written.
 """
 from __future__ import annotations
 
+import gc
+import logging
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .backends import Backend, build_backend
 from .checkpoint import MaskCheckpoint, model_fingerprint
@@ -27,12 +32,17 @@ from .evaluate import evaluate
 from .factory import build_model
 from .log import get_logger
 from .params import find_prunable
+from .plots import RATIO_KEY, ratio_tensors
 from .probe import GradProbe
 from .strategies import build_strategy
 
 log = get_logger(__name__)
 
 STAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MainRankFailed(RuntimeError):
+    """Raised on the other ranks when the main rank failed, so that no rank waits forever."""
 
 
 @dataclass
@@ -62,7 +72,7 @@ def plan_stages(model: nn.Module, names: list[str], stage_size: int,
         return plan + ([rest] if rest else [])
     if stage_size <= 0:
         return [names]
-    prefix, count = _block_list(model, names)
+    prefix = _block_list_prefix(model, names)
     if prefix is None:
         raise ValueError("prune.stage_size needs a model with a list of blocks (an nn.ModuleList "
                          "such as transformer layers); use prune.stages with patterns instead")
@@ -76,8 +86,8 @@ def plan_stages(model: nn.Module, names: list[str], stage_size: int,
     return [groups[k] for k in sorted(groups)] + ([rest] if rest else [])
 
 
-def _block_list(model: nn.Module, names: list[str]) -> tuple[str | None, int]:
-    """The ModuleList holding the most prunable parameters: its name prefix and length."""
+def _block_list_prefix(model: nn.Module, names: list[str]) -> str | None:
+    """Name prefix of the ModuleList holding the most prunable parameters."""
     best, best_count = None, 0
     for mname, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 1:
@@ -85,28 +95,79 @@ def _block_list(model: nn.Module, names: list[str]) -> tuple[str | None, int]:
             count = sum(n.startswith(prefix) for n in names)
             if count > best_count:
                 best, best_count = prefix, count
-    return best, best_count
+    return best
+
+
+def build_configured_model(cfg: RunConfig) -> nn.Module:
+    """The model of ``cfg``, randomly initialised from ``cfg.seed`` unless ``model.path``
+    loads weights: every rank and every command (prune, eval, export) gets the same one."""
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model)
+
+
+def loss_fn_for(batches: list) -> nn.Module | None:
+    """Dict batches carry labels and the model computes its own loss; (inputs, targets)
+    batches are classification."""
+    return None if isinstance(batches[0], dict) else nn.CrossEntropyLoss()
+
+
+def bars_wanted(show_progress: bool) -> bool:
+    """Progress bars only on a terminal: redrawn bars turn a log file into noise."""
+    return show_progress and sys.stderr.isatty()
 
 
 # -- the job ---------------------------------------------------------------------------------
 class PruneJob:
-    """Builds model, backend, data and checkpoint from a config; runs stages."""
+    """Builds model and backend from a config; prunes in stages, evaluates, sweeps.
+
+    Use it as a context manager: on success, ``close`` tears down in an order that lets every
+    rank exit cleanly (after a failure nothing waits for the other ranks).
+    """
 
     def __init__(self, cfg: RunConfig, env: DistEnv, *, show_progress: bool = True):
         if cfg.parallel == "none" and env.world_size > 1:
             raise ValueError(f"parallel: none runs in one process, but {env.world_size} ranks were "
                              "launched: set parallel=ddp, fsdp or zero3, or launch one process")
+        parallel = cfg.parallel
+        if env.backend is None and parallel != "none":
+            log.info("one process without a launcher: running parallel=%s as parallel=none "
+                     "(the masks do not depend on the parallel mode)", parallel)
+            parallel = "none"
         self.cfg, self.env = cfg, env
         self.show_progress = show_progress and env.is_main
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model)
+        self.model = build_configured_model(cfg)
         self.names = list(find_prunable(self.model, cfg.model.include, cfg.model.exclude))
         self.stages = plan_stages(self.model, self.names, cfg.prune.stage_size, cfg.prune.stages)
-        self.backend: Backend = build_backend(cfg.parallel, env.device, fsdp_units=cfg.fsdp_units,
+        self.backend: Backend = build_backend(parallel, env.device, fsdp_units=cfg.fsdp_units,
                                               micro_batch_size=cfg.data.micro_batch_size)
-        self.batches = calibration_batches(cfg.data.shards, micro_batch_size=cfg.data.micro_batch_size,
-                                           num_batches=cfg.prune.num_batches, rank=env.rank,
-                                           world_size=env.world_size)
+        self._calibration: list | None = None
+        self._eval_batches: list | None = None
+
+    def __enter__(self) -> PruneJob:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+    def close(self) -> None:
+        """Every rank past its last collective, then the backend's engine torn down while the
+        process group still exists (DeepSpeed's hooks and group handles otherwise die in
+        arbitrary order at interpreter exit); the caller destroys the process group after."""
+        self.backend.barrier()
+        self.backend.close()
+        del self.model, self.backend, self._calibration, self._eval_batches
+        gc.collect()
+
+    @property
+    def calibration(self) -> list:
+        """This rank's calibration micro-batches, read on first use (eval needs none)."""
+        if self._calibration is None:
+            self._calibration = calibration_batches(
+                self.cfg.data.shards, micro_batch_size=self.cfg.data.micro_batch_size,
+                num_batches=self.cfg.prune.num_batches, rank=self.env.rank,
+                world_size=self.env.world_size)
+        return self._calibration
 
     def on_main(self, fn):
         """Run ``fn`` on the main rank only; every rank raises if it failed (nobody hangs)."""
@@ -120,18 +181,47 @@ class PruneJob:
         if error is not None:
             raise error
         if status is not None:
-            raise RuntimeError(f"the main rank failed: {status}")
+            raise MainRankFailed(f"the main rank failed: {status}")
         return result
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def mask_config(self) -> dict:
+        """What a resume must match: the mask-changing config fields and the world size,
+        which decides how calibration samples form the global batches."""
+        return {**self.cfg.mask_fields(), "world_size": self.env.world_size}
+
     def open_checkpoint(self, restart: bool) -> tuple[MaskCheckpoint | None, list[str]]:
+        """The main rank opens (or resumes) ``output_dir``; every rank learns the done layers."""
         fingerprint = model_fingerprint(self.model)
 
         def open_it():
             ckpt = MaskCheckpoint.open(self.cfg.output_dir, model_fingerprint=fingerprint,
-                                       config=self.cfg.mask_fields(), restart=restart)
+                                       config=self.mask_config(), restart=restart)
             return ckpt, ckpt.completed()
 
         opened = self.on_main(open_it)
+        ckpt, completed = opened if opened is not None else (None, None)
+        return ckpt, self.backend.broadcast_object(completed)
+
+    def read_checkpoint(self, directory: str) -> tuple[MaskCheckpoint | None, list[str]]:
+        """A finished or partial checkpoint to apply (any world size wrote it), checked
+        against this model: every layer must be a prunable weight of the same shape."""
+        shapes = {name: list(p.shape) for name, p in self.model.named_parameters() if name in self.names}
+
+        def read_it():
+            ckpt = MaskCheckpoint.read(directory)
+            for name in ckpt.completed():
+                if name not in shapes:
+                    raise ValueError(f"layer '{name}' of the mask checkpoint {directory} is not a "
+                                     "prunable weight of the configured model; use the config the "
+                                     "masks were made with (model.*)")
+                if ckpt.layer_info(name)["shape"] != shapes[name]:
+                    raise ValueError(f"layer '{name}' of the mask checkpoint {directory} has shape "
+                                     f"{ckpt.layer_info(name)['shape']} but the configured model's "
+                                     f"weight has shape {shapes[name]}; check model.options")
+            return ckpt, ckpt.completed()
+
+        opened = self.on_main(read_it)
         ckpt, completed = opened if opened is not None else (None, None)
         return ckpt, self.backend.broadcast_object(completed)
 
@@ -151,60 +241,112 @@ class PruneJob:
         finally:
             self.backend.release()
 
+    # -- pruning -------------------------------------------------------------------------------
     def run(self, restart: bool = False) -> PruneResult:
+        """Prune every stage not yet in the checkpoint; returns the checkpoint's summary."""
         start = time.perf_counter()
-        cfg = self.cfg.prune
         ckpt, completed = self.open_checkpoint(restart)
         done = set(completed)
         finished = [s for s in self.stages if all(n in done for n in s)]
         self.apply_checkpoint(ckpt, [n for s in finished for n in s])
         result = PruneResult(stages=len(self.stages), stages_skipped=len(finished))
-        if finished and self.env.is_main:
-            log.info("resuming: %d of %d stages already in %s", len(finished), len(self.stages),
-                     self.cfg.output_dir)
-        strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
-        bar = tqdm(total=len(self.stages), desc="stages", disable=not self.show_progress,
-                   initial=len(finished))
-        for index, stage in enumerate(self.stages):
-            if stage in finished:
-                continue
-            stage_start = time.perf_counter()
-            probe = GradProbe(self.model, strategy, backend=self.backend, statistic=cfg.statistic,
-                              stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=stage)
-            record = probe.probe(self.batches, None if isinstance(self.batches[0], dict) else nn.CrossEntropyLoss(),
-                                 cfg.sparsity, cfg.num_batches, cfg.reduction_factor,
-                                 verbose=False)  # the stage bar and layer lines are the progress
-            masks = probe.apply_decisions(record, cfg.gradient_threshold)
-            seconds = time.perf_counter() - stage_start
-            for name in stage:
-                tentative = self.backend.sum_over_shards(
-                    torch.tensor([int(record.layers[name].tentative.sum())], dtype=torch.int64)).item()
-                full = self.backend.gather_full(name, masks[name])
-                if name in done:
-                    continue
-                stats = {"tentative": int(tentative), "restored": int(tentative - full.sum()) if full is not None else 0,
-                         "seconds": round(seconds / len(stage), 4), "stage": index}
-                self.on_main(lambda: ckpt.save_layer(name, full, stats=stats))
-                result.layers_written.append(name)
-                if self.show_progress:
-                    info = ckpt.layer_info(name)
-                    tqdm.write(f"[rank 0] stage {index}: {name} {info['shape']} pruned "
-                               f"{info['pruned']}/{info['numel']} ({100 * info['sparsity']:.1f}%), "
-                               f"restored {info['restored']}")
-            bar.update(1)
-        bar.close()
+        if finished and self.show_progress:
+            log.info("resuming: %d of %d stages already in %s, not recomputed", len(finished),
+                     len(self.stages), self.cfg.output_dir)
+        strategy = build_strategy(self.cfg.prune.strategy, **self.cfg.prune.strategy_options)
+        bars = bars_wanted(self.show_progress)
+        with logging_redirect_tqdm([logging.getLogger("gradprobe_dist")]) if bars else nullcontext():
+            with tqdm(total=len(self.stages), desc="stages", initial=len(finished),
+                      disable=not bars) as bar:
+                for index, stage in enumerate(self.stages):
+                    if stage not in finished:
+                        result.layers_written += self._run_stage(index, stage, strategy, ckpt, done, bars)
+                        bar.update(1)
         result.sparsity = GradProbe(self.model, strategy, backend=self.backend,
                                     include=self.names).get_sparsity()
-        result.rows = self.backend.broadcast_object(ckpt.summary_rows() if ckpt is not None else None)
+        result.rows = self.backend.broadcast_object(self.on_main(lambda: ckpt.summary_rows()))
         result.seconds = time.perf_counter() - start
         return result
 
-    def evaluate(self, shards: str, num_batches: int) -> dict[str, float]:
-        batches = calibration_batches(shards, micro_batch_size=self.cfg.data.micro_batch_size,
-                                      num_batches=num_batches, rank=self.env.rank,
-                                      world_size=self.env.world_size)
+    def _run_stage(self, index: int, stage: list[str], strategy, ckpt: MaskCheckpoint | None,
+                   done: set[str], bars: bool) -> list[str]:
+        """Probe one stage, then gather and save each of its layers not yet checkpointed."""
+        cfg = self.cfg.prune
+        if self.show_progress:
+            log.info("stage %d/%d: probing %d layers (%s ... %s)", index + 1, len(self.stages),
+                     len(stage), stage[0], stage[-1])
+        stage_start = time.perf_counter()
+        probe = GradProbe(self.model, strategy, backend=self.backend, statistic=cfg.statistic,
+                          stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=stage)
+        target = cfg.mode == "target"
+        record = probe.probe(self.calibration, loss_fn_for(self.calibration), cfg.sparsity,
+                             cfg.num_batches, cfg.reduction_factor, verbose=bars,
+                             oversample=cfg.oversample if target else 1.0,
+                             allocation=cfg.allocation if cfg.allocation.kind != "uniform" else None,
+                             hessians=cfg.reconstruct)
+        masks = probe.decide(record, cfg.sparsity, mode=cfg.mode, gradient_threshold=cfg.gradient_threshold,
+                             target_scope=cfg.target_scope, reconstruct=cfg.reconstruct)
+        ratios = ratio_tensors(record) if cfg.save_ratios else {}
+        seconds = (time.perf_counter() - stage_start) / len(stage)
+        written = []
+        for name in stage:
+            tentative = int(self.backend.sum_over_shards(
+                torch.tensor([int(record.layers[name].tentative.sum())], dtype=torch.int64)).item())
+            full = self.backend.gather_full(name, masks[name])
+            ratio = self.backend.gather_full(name, ratios[name]) if name in ratios else None
+            if name in done:  # saved before an interruption: the probe must have agreed
+                self.on_main(lambda: self._check_agrees(ckpt, name, full))
+                continue
+            stats = {"tentative": tentative, "restored": tentative - int(full.sum()) if full is not None else 0,
+                     "seconds": round(seconds, 4), "stage": index}
+            tensors = {RATIO_KEY: ratio[~ratio.isnan()]} if ratio is not None else None
+            self.on_main(lambda: ckpt.save_layer(name, full, stats=stats, tensors=tensors))
+            written.append(name)
+            if self.show_progress:
+                info = ckpt.layer_info(name)
+                log.info("stage %d/%d: %s %s pruned %d/%d (%.1f%%), restored %d", index + 1,
+                         len(self.stages), name, "x".join(map(str, info["shape"])), info["pruned"],
+                         info["numel"], 100 * info["sparsity"], info["restored"])
+        return written
+
+    @staticmethod
+    def _check_agrees(ckpt: MaskCheckpoint, name: str, full: torch.Tensor) -> None:
+        """A re-probed layer that differs from its checkpoint means the inputs changed."""
+        differ = int((ckpt.load_layer(name) != full).sum())
+        if differ:
+            log.warning("layer %s was probed again after an interruption and %d of its mask bits "
+                        "differ from its checkpoint, which keeps the saved mask while later stages "
+                        "see the new one: the calibration data or the software changed; rerun "
+                        "with --restart for a consistent result", name, differ)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Loss/perplexity or accuracy of the model as it is now, on ``data.eval_shards``
+        (``data.eval_batches`` micro-batches per rank, summed over ranks)."""
+        data = self.cfg.data
+        if not data.eval_shards:
+            raise ValueError("no evaluation data: set data.eval_shards to a shard directory "
+                             "(write one with `gradprobe make-shards --bundled valid`)")
+        if self._eval_batches is None:
+            self._eval_batches = calibration_batches(
+                data.eval_shards, micro_batch_size=data.micro_batch_size,
+                num_batches=data.eval_batches, rank=self.env.rank, world_size=self.env.world_size)
         wrapped = self.backend.prepare(self.model, self.names)
         try:
-            return evaluate(wrapped, batches, self.backend)
+            return evaluate(wrapped, self._eval_batches, self.backend)
         finally:
             self.backend.release()
+
+    def sweep(self, *, show_progress: bool) -> dict[str, list]:
+        """One probe of every prunable weight, each ``prune.thresholds`` value decided and
+        evaluated on ``data.eval_shards``; the model ends as it started. No stages, no
+        checkpoint: the sweep chooses a threshold for ``prune``."""
+        cfg = self.cfg.prune
+        strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
+        probe = GradProbe(self.model, strategy, backend=self.backend, statistic=cfg.statistic,
+                          stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=self.names)
+        return probe.sweep_gradient_thresholds(
+            self.calibration, loss_fn_for(self.calibration), lambda model: self.evaluate(),
+            sparsity=cfg.sparsity, thresholds=cfg.thresholds, num_batches=cfg.num_batches,
+            verbose=bars_wanted(show_progress and self.env.is_main),
+            reduction_factor=cfg.reduction_factor)

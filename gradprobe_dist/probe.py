@@ -105,17 +105,26 @@ class GradProbe:
                             verbose, compute_loss=compute_loss, allocation=allocation,
                             oversample=oversample if mode == "target" else 1.0,
                             hessians=reconstruct)
+        self.masks = self.decide(record, sparsity, mode=mode, gradient_threshold=gradient_threshold,
+                                 target_scope=target_scope, reconstruct=reconstruct)
+        if verbose:
+            self._report(record, sparsity)
+        return self.masks
+
+    def decide(self, record: ProbeRecord, sparsity: float, *, mode: str = "threshold",
+               gradient_threshold: float = 0.0, target_scope: str = "layer",
+               reconstruct: bool = False) -> dict[str, torch.Tensor]:
+        """Turn a probe's record into masks and apply them (see ``prune`` for the options);
+        the pipeline calls ``probe`` and ``decide`` separately to checkpoint in between."""
         if mode == "threshold":
             masks = record.masks(gradient_threshold)
         else:
             masks = self.target_masks(record, sparsity, target_scope)
         self._check_nm_masks(masks, exact=mode == "target")
-        self.masks = self.apply_masks(record, masks)
+        self.apply_masks(record, masks)
         if reconstruct:
             compensate(self.backend, record, masks)
-        if verbose:
-            self._report(record, sparsity)
-        return self.masks
+        return masks
 
     def sweep_gradient_thresholds(self, dataloader: Iterable, loss_fn: Callable | None,
                                   eval_fn: Callable[[nn.Module], float], sparsity: float = 0.5,

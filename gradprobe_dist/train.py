@@ -6,6 +6,7 @@ on the bundled text first; a pruner needs a model that has learnt something to d
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
@@ -21,7 +22,8 @@ log = get_logger(__name__)
 def train_model(model: nn.Module, shards: str, *, steps: int, micro_batch_size: int,
                 lr: float = 3e-3, weight_decay: float = 0.01, seed: int = 0,
                 show_progress: bool = True) -> dict[str, float]:
-    """AdamW with warm-up and cosine decay over every sample of ``shards``, cycled."""
+    """AdamW with warm-up and cosine decay over every sample of ``shards``, cycled; the
+    progress bar only on a terminal (in a log file its redraws are noise)."""
     total = sum(read_shard_set(shards).num_samples)
     num_batches = total // micro_batch_size
     if num_batches < 1:
@@ -36,7 +38,7 @@ def train_model(model: nn.Module, shards: str, *, steps: int, micro_batch_size: 
                            generator=torch.Generator().manual_seed(seed)) % num_batches
     model.train()
     start, loss = time.perf_counter(), torch.tensor(float("nan"))
-    for step in tqdm(range(steps), desc="train", disable=not show_progress):
+    for step in tqdm(range(steps), desc="train", disable=not (show_progress and sys.stderr.isatty())):
         batch = batches[int(order[step])]
         opt.zero_grad(set_to_none=True)
         if isinstance(batch, dict):

@@ -59,10 +59,7 @@ def broken_run(tmp_path_factory):
 @pytest.mark.timeout(LIMIT_S + 30)
 @pytest.mark.parametrize("launcher", [
     "torchrun",
-    pytest.param("launch_script", marks=pytest.mark.xfail(
-        strict=True, reason="the CLI writes no torchelastic error file (no @record on main, no "
-                            "ErrorHandler().record_exception for handled errors), so torchrun's summary "
-                            "says 'error_file: <N/A>' and rank 1's message, filtered out, is lost")),
+    "launch_script",
 ])
 def test_a_failing_rank_fails_the_job_with_its_message(broken_run, launcher):
     config, corrupt = broken_run

@@ -95,6 +95,10 @@ class Backend(ABC):
     def commit_weights(self, names: list[str]) -> None:
         """Make in-place edits of local weights durable and visible (ZeRO-3 needs this)."""
 
+    def close(self) -> None:
+        """Tear down what ``prepare`` built for good (an engine, its hooks, gathered copies);
+        called once, by every rank, before the process group is destroyed."""
+
     # -- collectives (no-ops for one process) ---------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In-place all-reduce (``sum``, ``max`` or ``min``); returns ``tensor``."""

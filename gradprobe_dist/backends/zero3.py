@@ -113,6 +113,14 @@ class Zero3Backend(DistributedCollectives, Backend):
             self._params[name].requires_grad_(requires_grad)
         self._requires_grad_before = {}
 
+    def close(self) -> None:
+        """Wait for in-flight parameter gathers and release them, then remove the engine's
+        hooks: left to interpreter exit, they die in arbitrary order with the gloo threads."""
+        if self._engine is not None:
+            self._engine.empty_partition_cache()
+            self._engine.destroy()
+        self._engine, self._model, self._params = None, None, {}
+
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss)
         self._has_grads = True

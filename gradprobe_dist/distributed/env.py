@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -243,6 +244,12 @@ def init_distributed(backend: str = "auto", device: str | None = None) -> DistEn
 
 
 def destroy_distributed() -> None:
-    """Leave and destroy the default process group, if any (safe to call twice)."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave and destroy the default process group, if any (safe to call twice). Through
+    DeepSpeed when it joined the group, so that its copies of the group handles go too."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
