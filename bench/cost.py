@@ -271,7 +271,7 @@ def probe_breakdown(pruner: GradProbe, work: Workload, floor: Seconds) -> list[d
         "passes": (pruner, "_gradient_pass"),
         "backward": (pruner.backend, "backward"),
         "statistic fold": (grad_statistics, "accumulate"),
-        "finite-flag all-reduce": (pruner, "_check_finite"),
+        "finite-flag all-reduce": (pruner, "_check_pass_finite"),
         "selection": (pruner.strategy, "select"),
         "scale selected": (pruner, "_scale_selected"),
         "restore": (pruner, "_restore"),
@@ -283,8 +283,8 @@ def probe_breakdown(pruner: GradProbe, work: Workload, floor: Seconds) -> list[d
         "forward": t("forward"),
         "backward": t("backward"),
         "statistic fold (statistics.accumulate)": t("statistic fold"),
-        "finite-flag all-reduce (_check_finite)": t("finite-flag all-reduce"),
-        "rest of the passes (per-grad isfinite, grads, accumulators)":
+        "finite check, once per pass (_check_pass_finite)": t("finite-flag all-reduce"),
+        "rest of the passes (grads, accumulators, progress)":
             _minus(t("passes"), t("forward"), t("backward"), t("statistic fold"), t("finite-flag all-reduce")),
         "selection (strategy.select)": t("selection"),
         "scale selected (_scale_selected)": t("scale selected"),
@@ -601,7 +601,10 @@ def md_header(meta: dict) -> list[str]:
 def md_probe(rows: list[dict]) -> list[str]:
     out = ["## 1. Probe cost vs its floor", "",
            "Floor: forward+backward over the same calibration batches in the same process, "
-           "twice (the probe's two passes cannot do with less). Floor, probe and prune repeats "
+           "twice (the probe's two passes cannot do with less), as in training: every parameter's "
+           "gradient. The probe asks for the prunable weights' gradients only (embeddings, norms "
+           "and biases are frozen while it runs), so its passes can cost a little less than the "
+           "floor. Floor, probe and prune repeats "
            "are interleaved; medians. Magnitude (layer) selection. Target: probe / floor <= 1.05.", "",
            markdown_table(rows, [
                ("workload", "workload", "s"), ("prunable_weights", "prunable weights", ","),

@@ -319,22 +319,54 @@ class GradProbe:
                                              self._stat_device(n)) for n in self.param_names}
         bar = tqdm(batches, desc=f"{label} pass", disable=not (verbose and backend.is_main),
                    leave=False)
+        loss_finite = []
         for index, batch in enumerate(bar):
             loss = loss_of(self._wrapped, to_device(batch, backend.device))
+            loss_finite.append(torch.isfinite(loss.detach()))  # no sync: read once per pass
             backend.backward(loss)
-            finite = []
             for name in self.param_names:
-                grad = backend.local_grad(name)
-                if grad is None:
-                    backend.zero_grad()
-                    raise ValueError(f"parameter {name!r} received no gradient in calibration batch "
-                                     f"{index}: the forward pass does not use it; exclude it with "
-                                     f"exclude=['{name}']")
-                finite.append(torch.isfinite(grad).all())
-                statistics.accumulate(acc[name], grad, self.statistic)
+                statistics.accumulate(acc[name], self._local_grad(name, index), self.statistic)
             backend.zero_grad()
-            self._check_finite(index, label, loss, finite)
+        self._check_pass_finite(acc, loss_finite, batches, loss_of, label)
         return {n: statistics.finalize(a, self.statistic, len(batches)) for n, a in acc.items()}
+
+    def _local_grad(self, name: str, index: int) -> torch.Tensor:
+        grad = self.backend.local_grad(name)
+        if grad is None:
+            self.backend.zero_grad()
+            raise ValueError(f"parameter {name!r} received no gradient in calibration batch "
+                             f"{index}: the forward pass does not use it; exclude it with "
+                             f"exclude=['{name}']")
+        return grad
+
+    def _check_pass_finite(self, acc: dict[str, torch.Tensor], loss_finite: list, batches: list,
+                           loss_of: LossOfBatch, label: str) -> None:
+        """One check per pass: NaN/inf survive max/add into the accumulators, and each batch's
+        loss flag was kept. On a hit (rare), every rank replays the batches one by one to name
+        the first bad batch and parameter; checking every gradient of every batch would cost a
+        full extra read per step."""
+        losses_ok = torch.stack(loss_finite).cpu()
+        first_bad_loss = int((~losses_ok).nonzero()[0]) if not bool(losses_ok.all()) else len(batches)
+        stats_ok = bool(torch.stack([torch.isfinite(a).all() for a in acc.values()]).all())
+        flag = torch.tensor([first_bad_loss, int(stats_ok)], dtype=torch.int64, device=self.device)
+        first_bad_loss, stats_ok = self.backend.all_reduce(flag, "min").tolist()
+        if first_bad_loss == len(batches) and stats_ok:
+            return
+        for index, batch in enumerate(batches):
+            loss = loss_of(self._wrapped, to_device(batch, self.backend.device))
+            self.backend.backward(loss)
+            finite = [torch.isfinite(self._local_grad(n, index)).all() for n in self.param_names]
+            self.backend.zero_grad()
+            self._check_finite(index, label, loss, finite)
+        if first_bad_loss < len(batches):
+            raise FloatingPointError(
+                f"non-finite loss (NaN/inf) in calibration batch {first_bad_loss} of the {label} pass "
+                "(it did not recur when the batches were replayed: something in the loss or the "
+                "model is not deterministic); the model was left unchanged. Check that batch and "
+                "the loss function for NaN/inf")
+        raise FloatingPointError(
+            f"the gradient statistic of the {label} pass overflowed in {self.stat_dtype} although "
+            "every gradient is finite when replayed: use stat_dtype=torch.float32")
 
     def _check_finite(self, index: int, label: str, loss: torch.Tensor, finite: list) -> None:
         """Every rank raises the same error for the first non-finite gradient (no hang)."""
@@ -410,10 +442,10 @@ class GradProbe:
         with torch.no_grad():
             for name, mask in tentative.items():
                 w = self.backend.local_weight(name)
-                originals = w[mask].clone()
                 old = baseline.pop(name)[mask.to(self._stat_device(name))]
-                layers[name] = LayerProbe(tentative=mask, old=old, originals=originals)
-                w[mask] = originals * reduction_factor
+                layers[name] = LayerProbe(tentative=mask, old=old, originals=w[mask])  # a copy
+                # x * 1.0 is exact, so unselected weights keep their bits
+                w.mul_(torch.where(mask, reduction_factor, 1.0).to(w.dtype))
         self.backend.commit_weights(self.param_names)
         return layers
 

@@ -12,9 +12,20 @@ class LocalBackend(Backend):
     replicated = True
 
     def prepare(self, model: nn.Module, param_names: list[str]) -> nn.Module:
+        """Place the model; only the probed weights keep ``requires_grad`` (backward then
+        skips embedding, norm and bias gradients nobody reads); ``release`` restores it."""
         model.to(self.device)
         self._params = dict(model.named_parameters())
+        probed = set(param_names)
+        self._frozen = [p for n, p in self._params.items() if n not in probed and p.requires_grad]
+        for p in self._frozen:
+            p.requires_grad_(False)
         return model
+
+    def release(self) -> None:
+        for p in getattr(self, "_frozen", []):
+            p.requires_grad_(True)
+        self._frozen = []
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

@@ -172,6 +172,20 @@ def _tie_broken_masks(scores: list[torch.Tensor], owner: list[int], target, ties
     return masks
 
 
+def _local_masks(scores: list[torch.Tensor], k: int, label: str) -> list[torch.Tensor]:
+    """The same rule in one process, without radix rounds: one ``kthvalue`` over the
+    concatenation, then the first ties in flat order (several times cheaper than the keys)."""
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in scores]) + 0.0
+    nans = int(torch.isnan(flat).sum())
+    _raise_on_bad_counts([nans], [flat.numel()], [k], [label])
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k:
+        kth = torch.kthvalue(flat, k).values
+        tie = flat == kth
+        mask = (flat < kth) | (tie & (tie.cumsum(0) <= k - int((flat < kth).sum())))
+    return [m.reshape(t.shape) for m, t in zip(mask.split([t.numel() for t in scores]), scores)]
+
+
 # -- public API -----------------------------------------------------------------------------
 def kth_smallest(values: torch.Tensor, k: int, group=None) -> float:
     """Exact k-th smallest (1-based) of every rank's ``values`` concatenated, as float32.
@@ -195,6 +209,8 @@ def select_smallest(scores: Sequence[torch.Tensor], k: int, group=None) -> list[
     k = _check_k(k, "k")
     if not scores:
         return _nothing_to_select(k, "k")
+    if not _distributed(group):
+        return _local_masks(scores, k, "scores")
     owner = [0] * len(scores)
     target, ties_needed = _radix_select(scores, owner, [k], ["scores"], group)
     return _tie_broken_masks(scores, owner, target, ties_needed, group)
@@ -211,6 +227,8 @@ def select_smallest_each(scores: Sequence[torch.Tensor], ks: Sequence[int],
         raise ValueError(f"got {len(scores)} score tensors but {len(ks)} counts; pass one k per tensor")
     if not scores:
         return []
+    if not _distributed(group):
+        return [_local_masks([t], k, f"scores[{i}]")[0] for i, (t, k) in enumerate(zip(scores, ks))]
     owner = list(range(len(scores)))
     target, ties_needed = _radix_select(scores, owner, ks, [f"scores[{i}]" for i in owner], group)
     return _tie_broken_masks(scores, owner, target, ties_needed, group)

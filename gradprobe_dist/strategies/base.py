@@ -54,6 +54,7 @@ class SelectionContext:
         params = dict(model.named_parameters())
         backend = LocalBackend(device=next(model.parameters()).device)
         backend.prepare(model, names)
+        backend.release()  # the context only reads weights; nothing may stay frozen
         return cls(weights={n: params[n].data for n in names},
                    slices={n: LocalSlice(params[n].shape, "full") for n in names},
                    backend=backend, model=model, transposed=transposed_names(owners))

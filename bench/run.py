@@ -1,0 +1,40 @@
+"""The whole benchmark in one command (not part of CI; `--smoke` versions of both parts are).
+
+    python bench/run.py [--out bench/results]
+
+1. `bench/quality.py`: trains (or reuses from bench/.cache) the Shakespeare LM and the digits
+   MLP, then perplexity / accuracy per method and sparsity over 3 calibration seeds, with plots.
+2. `bench/cost.py`: probe time vs its floor, sweep vs separate prunes, where GradProbe stalls,
+   1 vs 2 ranks per parallel mode, selection time.
+Writes `results.json` (both parts) and `results.md` next to each part's own files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    seconds = {}
+    for part in ("quality", "cost"):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(HERE / f"{part}.py"), "--out", str(args.out)], check=True)
+        seconds[part] = round(time.perf_counter() - start, 1)
+    results = {part: json.loads((args.out / f"{part}.json").read_text()) for part in ("quality", "cost")}
+    results["wall_seconds"] = seconds
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    (args.out / "results.md").write_text("\n\n".join((args.out / f"{p}.md").read_text() for p in ("quality", "cost")))
+    print(f"wrote {args.out / 'results.json'} and results.md; wall seconds {seconds}")
+
+
+if __name__ == "__main__":
+    main()
