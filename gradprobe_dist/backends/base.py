@@ -43,6 +43,21 @@ class LocalSlice:
         return self.start * row, self.stop * row
 
 
+def freeze_all_but(params: dict[str, nn.Parameter], names) -> dict[str, bool]:
+    """Only ``names`` keep ``requires_grad`` (backward skips every other gradient); returns
+    the previous flags for ``restore_requires_grad``."""
+    saved = {n: p.requires_grad for n, p in params.items()}
+    wanted = set(names)
+    for n, p in params.items():
+        p.requires_grad_(n in wanted)
+    return saved
+
+
+def restore_requires_grad(params: dict[str, nn.Parameter], saved: dict[str, bool] | None) -> None:
+    for n, flag in (saved or {}).items():
+        params[n].requires_grad_(flag)
+
+
 class Backend(ABC):
     """Gradients, weights and collectives for one parallel mode."""
 

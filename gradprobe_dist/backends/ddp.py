@@ -13,14 +13,17 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..log import get_logger
-from .base import Backend, LocalSlice
+from .local import LocalBackend
+from .base import freeze_all_but, restore_requires_grad
 from .collectives import (DistributedCollectives, broadcast_tensor, check_param_names, comm_device,
                           require_process_group)
 
 log = get_logger(__name__)
 
 
-class DDPBackend(DistributedCollectives, Backend):
+class DDPBackend(DistributedCollectives, LocalBackend):
+    """``LocalBackend`` on every rank, with DDP's bucketed all-reduce in the backward."""
+
     name = "ddp"
     replicated = True
 
@@ -44,9 +47,7 @@ class DDPBackend(DistributedCollectives, Backend):
         self.release()
         model.to(self.device)
         self._params = dict(model.named_parameters())
-        self._saved_requires_grad = {n: p.requires_grad for n, p in self._params.items()}
-        for n, p in self._params.items():
-            p.requires_grad_(n in names)
+        self._saved_requires_grad = freeze_all_but(self._params, names)
         device_ids = [self.device.index] if self.device.index is not None else None
         self._wrapped = DistributedDataParallel(
             model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters)
@@ -57,27 +58,8 @@ class DDPBackend(DistributedCollectives, Backend):
     def release(self) -> None:
         """Drop the DDP wrapper and restore ``requires_grad``; the model stays usable unwrapped
         (DDP's gradient hooks only act after a forward through the wrapper)."""
-        if self._saved_requires_grad is not None:
-            for n, p in self._params.items():
-                p.requires_grad_(self._saved_requires_grad[n])
-        self._saved_requires_grad = None
+        super().release()
         self._wrapped = None
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def zero_grad(self) -> None:
-        for p in self._params.values():
-            p.grad = None
-
-    def local_grad(self, name: str) -> torch.Tensor | None:
-        return self._params[name].grad
-
-    def local_weight(self, name: str) -> torch.Tensor:
-        return self._params[name].detach()
-
-    def local_slice(self, name: str) -> LocalSlice:
-        return LocalSlice(self._params[name].shape, "full")
 
     def scatter_full(self, name: str, full: torch.Tensor | None) -> torch.Tensor:
         """Every rank holds the whole weight, so every rank gets the main rank's whole tensor."""

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..log import get_logger
-from .base import Backend, LocalSlice
+from .base import Backend, LocalSlice, freeze_all_but, restore_requires_grad
 from .collectives import (DistributedCollectives, check_param_names, comm_device, gather_rows,
                           require_process_group, scatter_rows)
 
@@ -86,10 +86,7 @@ class FSDPBackend(DistributedCollectives, Backend):
         self._reshard()  # the registered parameters are the sharded DTensors only when resharded
         self._params = dict(model.named_parameters())
         self._slices = {name: _row_slice(self._params[name]) for name in param_names}
-        self._saved_requires_grad = {n: p.requires_grad for n, p in self._params.items()}
-        wanted = set(param_names)
-        for n, p in self._params.items():
-            p.requires_grad_(n in wanted)
+        self._saved_requires_grad = freeze_all_but(self._params, param_names)
         return model
 
     def _shard(self, model: nn.Module, param_names: list[str]) -> None:
@@ -110,9 +107,7 @@ class FSDPBackend(DistributedCollectives, Backend):
 
     def release(self) -> None:
         """Restore ``requires_grad``; the sharding itself stays (FSDP2 cannot undo it)."""
-        if self._saved_requires_grad is not None:
-            for n, p in self._params.items():
-                p.requires_grad_(self._saved_requires_grad[n])
+        restore_requires_grad(self._params, self._saved_requires_grad)
         self._saved_requires_grad = None
 
     # -- gradients and weights -------------------------------------------------------------

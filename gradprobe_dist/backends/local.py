@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import Backend, LocalSlice
+from .base import Backend, LocalSlice, freeze_all_but, restore_requires_grad
 
 
 class LocalBackend(Backend):
@@ -16,16 +16,12 @@ class LocalBackend(Backend):
         skips embedding, norm and bias gradients nobody reads); ``release`` restores it."""
         model.to(self.device)
         self._params = dict(model.named_parameters())
-        probed = set(param_names)
-        self._frozen = [p for n, p in self._params.items() if n not in probed and p.requires_grad]
-        for p in self._frozen:
-            p.requires_grad_(False)
+        self._saved_requires_grad = freeze_all_but(self._params, param_names)
         return model
 
     def release(self) -> None:
-        for p in getattr(self, "_frozen", []):
-            p.requires_grad_(True)
-        self._frozen = []
+        restore_requires_grad(self._params, getattr(self, "_saved_requires_grad", None))
+        self._saved_requires_grad = None
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -38,7 +34,7 @@ class LocalBackend(Backend):
         return self._params[name].grad
 
     def local_weight(self, name: str) -> torch.Tensor:
-        return self._params[name].data
+        return self._params[name].detach()
 
     def local_slice(self, name: str) -> LocalSlice:
         return LocalSlice(self._params[name].shape, "full")
