@@ -42,6 +42,9 @@ def prune(args):
         result = job.run(restart=args.restart)
         after = job.evaluate() if args.eval else None
     _say(args, format_table(result.rows))
+    for r in result.rounds:
+        _say(args, f"round {r['round']}/{cfg.prune.rounds}: sparsity {100 * r['sparsity']:.2f}% (schedule "
+                   f"{100 * r['schedule']:.2f}%) in {r['directory']}{' (resumed)' if r['resumed'] else ''}")
     _say(args, f"sparsity over prunable weights: {100 * result.sparsity:.2f}% (target "
                f"{100 * cfg.prune.sparsity:.0f}%); {len(result.layers_written)} layers written, "
                f"{result.stages_skipped}/{result.stages} stages resumed from {cfg.output_dir}; "
@@ -50,7 +53,7 @@ def prune(args):
         _say(args, eval_line("before pruning", before))
         _say(args, eval_line("after pruning ", after))
     return {"sparsity": result.sparsity, "layers": result.rows, "layers_written": result.layers_written,
-            "stages": result.stages, "stages_resumed": result.stages_skipped,
+            "stages": result.stages, "stages_resumed": result.stages_skipped, "rounds": result.rounds,
             "seconds": result.seconds, "world_size": env.world_size,
             "eval_before": before, "eval_after": after}
 
@@ -80,6 +83,12 @@ def validate(args):
     if stages is not None:
         for i, stage in enumerate(stages):
             _say(args, f"# stage {i + 1}/{len(stages)}: {len(stage)} layers ({stage[0]} ... {stage[-1]})")
+    if cfg.prune.rounds > 1:
+        from .iterative import schedule_values
+
+        values = schedule_values(cfg.prune.sparsity, cfg.prune.rounds, cfg.prune.schedule)
+        _say(args, f"# {cfg.prune.rounds} rounds ({cfg.prune.schedule}), sparsity after each: "
+                   + ", ".join(f"{100 * v:.2f}%" for v in values))
     _say(args, f"# config OK; mask fingerprint {cfg.fingerprint()[:16]}")
     return {"config": dataclasses.asdict(cfg), "mask_fingerprint": cfg.fingerprint(), "stages": stages}
 

@@ -107,6 +107,11 @@ class PruneConfig:
     reconstruct: bool = False
     #: save each layer's gradient ratios new/old in the checkpoint (for `gradprobe plot`)
     save_ratios: bool = True
+    #: probe rounds reaching ``sparsity`` (1 = one-shot); each round re-probes every stage at
+    #: the schedule's next sparsity, checkpointed in output_dir/round-NNN (see pipeline)
+    rounds: int = 1
+    #: how the rounds ramp up: cubic (Zhu & Gupta: fast first, slow near the end) or linear
+    schedule: Literal["cubic", "linear"] = "cubic"
 
     def __post_init__(self):
         from .strategies import STRATEGIES, build_strategy
@@ -135,9 +140,27 @@ class PruneConfig:
         if self.allocation.kind == "gradient" and self.mode != "target":
             raise ConfigError("prune.allocation.kind=gradient needs prune.mode=target")
         try:
-            build_strategy(self.strategy, **self.strategy_options)
+            strategy = build_strategy(self.strategy, **self.strategy_options)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"prune.strategy_options: {err}") from None
+        self._check_rounds(strategy)
+
+    def _check_rounds(self, strategy) -> None:
+        """Rounds ramp a per-layer count up over all weights: nothing else may fix the count."""
+        if self.rounds < 1:
+            raise ConfigError(f"prune.rounds={self.rounds} must be >= 1 (1 = one-shot pruning)")
+        if self.rounds == 1:
+            return
+        if self.sparsity == 0:
+            raise ConfigError(f"prune.rounds={self.rounds} needs prune.sparsity > 0 (the sparsity "
+                              "the last round reaches)")
+        unsupported = {"prune.allocation.kind": self.allocation.kind != "uniform",
+                       "prune.reconstruct": self.reconstruct,
+                       "prune.strategy_options.pattern": bool(getattr(strategy, "nm", None))}
+        for key, used in unsupported.items():
+            if used:
+                raise ConfigError(f"prune.rounds={self.rounds} does not combine with {key}: "
+                                  f"set prune.rounds=1, or leave {key} at its default")
 
 
 @dataclass
@@ -166,13 +189,17 @@ class RunConfig:
 
     def mask_fields(self) -> dict[str, Any]:
         """The settings that change the masks, keyed by their config key: a resume must match
-        them exactly, and a refusal names the key that differs (e.g. ``prune.sparsity``)."""
+        them exactly, and a refusal names the key that differs (e.g. ``prune.sparsity``).
+        ``prune.rounds``/``prune.schedule`` appear only with rounds > 1, so one-shot runs keep
+        the fingerprint (and resume the checkpoints) they had before rounds existed."""
         p = self.prune
         fields = {f"prune.{name}": getattr(p, name) for name in (
             "strategy", "strategy_options", "sparsity", "num_batches", "reduction_factor",
             "gradient_threshold", "statistic", "stat_dtype", "stage_size", "stages", "mode",
             "oversample", "target_scope", "reconstruct")}
         fields["prune.allocation"] = dataclasses.asdict(p.allocation)
+        if p.rounds > 1:
+            fields.update({"prune.rounds": p.rounds, "prune.schedule": p.schedule})
         return {"model": dataclasses.asdict(self.model), **fields, "data.shards": self.data.shards,
                 "data.micro_batch_size": self.data.micro_batch_size, "seed": self.seed}
 

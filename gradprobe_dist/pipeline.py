@@ -7,6 +7,17 @@ main rank assembles one layer at a time from the shards), so a killed job loses 
 stage in flight. On resume, fully checkpointed stages are applied and skipped; a stage that
 was cut short is probed again whole (identical inputs give identical masks) and only its
 missing layers are written.
+
+With ``prune.rounds`` = k > 1 the staged probe runs k times, round r pruning to the
+schedule's sparsity s_r (``iterative.schedule_values``: cubic or linear, from 0 up to
+``prune.sparsity``) on the network every earlier round pruned. A round decides only among
+the weights still alive, so masks only grow (``iterative.round_masks``); in target mode
+each layer ends with exactly ``floor(s_r numel)`` pruned weights. Round r writes
+``output_dir/round-NNN/``, a full mask checkpoint of every mask so far; the last round's
+masks are then copied to ``output_dir`` itself, where ``inspect``, ``eval`` and ``export``
+look. On resume, completed rounds are skipped (the last one's masks applied) and a round
+cut short resumes stage by stage; a round that had to run discards any later round left
+on disk, since it was built on other masks.
 """
 from __future__ import annotations
 
@@ -17,6 +28,8 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from math import prod
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -24,15 +37,16 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .backends import Backend, build_backend
-from .checkpoint import MaskCheckpoint, model_fingerprint
+from .checkpoint import _COMPUTED_FIELDS, MaskCheckpoint, model_fingerprint
 from .config import RunConfig
 from .data.loader import calibration_batches
 from .distributed.env import DistEnv
 from .evaluate import evaluate
 from .factory import build_model
+from .iterative import layer_counts, round_masks, schedule_values, tentative_fraction
 from .log import get_logger
 from .params import find_prunable
-from .plots import RATIO_KEY, ratio_tensors
+from .plots import CARRIED_KEY, RATIO_KEY, ratio_tensors
 from .probe import GradProbe
 from .strategies import build_strategy
 
@@ -53,6 +67,30 @@ class PruneResult:
     rows: list[dict] = field(default_factory=list)
     sparsity: float = 0.0
     seconds: float = 0.0
+    #: prune.rounds > 1: per round ``round``, ``schedule`` (s_r), ``sparsity`` (reached),
+    #: ``directory`` and ``resumed`` (found complete on disk)
+    rounds: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Round:
+    """One pass of the staged probe over every stage. ``previous`` is the checkpoint of the
+    round before (read on the main rank only; None elsewhere and in round 1)."""
+
+    number: int
+    count: int
+    sparsity: float
+    #: the strategy selects oversample x sparsity of each layer
+    oversample: float
+    previous: MaskCheckpoint | None = None
+
+    @property
+    def label(self) -> str:
+        return f"round {self.number}/{self.count}, " if self.count > 1 else ""
+
+
+def round_dir(output_dir: str | Path, number: int) -> Path:
+    return Path(output_dir) / f"round-{number:03d}"
 
 
 # -- stage planning --------------------------------------------------------------------------
@@ -114,6 +152,16 @@ def loss_fn_for(batches: list) -> nn.Module | None:
 def bars_wanted(show_progress: bool) -> bool:
     """Progress bars only on a terminal: redrawn bars turn a log file into noise."""
     return show_progress and sys.stderr.isatty()
+
+
+def publish(source: MaskCheckpoint, target: MaskCheckpoint, done: list[str]) -> None:
+    """Main rank: copy the layers of ``source`` (the last round) missing from ``target``
+    (``output_dir``), masks, stats and saved tensors unchanged."""
+    for name in source.completed():
+        if name not in done:
+            info = source.layer_info(name)
+            target.save_layer(name, source.load_layer(name), tensors=source.load_layer_tensors(name),
+                              stats={k: v for k, v in info.items() if k not in _COMPUTED_FIELDS})
 
 
 # -- the job ---------------------------------------------------------------------------------
@@ -190,13 +238,15 @@ class PruneJob:
         which decides how calibration samples form the global batches."""
         return {**self.cfg.mask_fields(), "world_size": self.env.world_size}
 
-    def open_checkpoint(self, restart: bool) -> tuple[MaskCheckpoint | None, list[str]]:
-        """The main rank opens (or resumes) ``output_dir``; every rank learns the done layers."""
+    def open_checkpoint(self, restart: bool, directory: str | Path | None = None,
+                        config: dict | None = None) -> tuple[MaskCheckpoint | None, list[str]]:
+        """The main rank opens (or resumes) ``directory`` (default ``output_dir``, recording
+        ``mask_config()``); every rank learns the done layers."""
         fingerprint = model_fingerprint(self.model)
 
         def open_it():
-            ckpt = MaskCheckpoint.open(self.cfg.output_dir, model_fingerprint=fingerprint,
-                                       config=self.mask_config(), restart=restart)
+            ckpt = MaskCheckpoint.open(directory or self.cfg.output_dir, model_fingerprint=fingerprint,
+                                       config=config or self.mask_config(), restart=restart)
             return ckpt, ckpt.completed()
 
         opened = self.on_main(open_it)
@@ -233,80 +283,161 @@ class PruneJob:
         self.backend.prepare(self.model, self.names)
         try:
             for name in names:
-                local = self.backend.scatter_full(name, self.on_main(lambda: ckpt.load_layer(name)))
                 with torch.no_grad():
-                    weight = self.backend.local_weight(name)
-                    weight.masked_fill_(local.to(weight.device), 0)
+                    self.backend.local_weight(name).masked_fill_(self._local_mask(ckpt, name), 0)
             self.backend.commit_weights(names)
         finally:
             self.backend.release()
 
+    def read_local_masks(self, ckpt: MaskCheckpoint | None, names: list[str]) -> dict[str, torch.Tensor]:
+        """The checkpointed masks of ``names``, as this rank's local parts (nothing applied)."""
+        self.backend.prepare(self.model, self.names)
+        try:
+            return {name: self._local_mask(ckpt, name) for name in names}
+        finally:
+            self.backend.release()
+
+    def _local_mask(self, ckpt: MaskCheckpoint | None, name: str) -> torch.Tensor:
+        """One layer's mask, read on the main rank and cut to this rank's part (backend prepared)."""
+        local = self.backend.scatter_full(name, self.on_main(lambda: ckpt.load_layer(name)))
+        return local.to(self.backend.local_weight(name).device)
+
     # -- pruning -------------------------------------------------------------------------------
     def run(self, restart: bool = False) -> PruneResult:
-        """Prune every stage not yet in the checkpoint; returns the checkpoint's summary."""
+        """Prune every stage (of every round) not yet checkpointed; returns the summary of
+        ``output_dir``."""
         start = time.perf_counter()
-        ckpt, completed = self.open_checkpoint(restart)
-        done = set(completed)
-        finished = [s for s in self.stages if all(n in done for n in s)]
-        self.apply_checkpoint(ckpt, [n for s in finished for n in s])
-        result = PruneResult(stages=len(self.stages), stages_skipped=len(finished))
-        if finished and self.show_progress:
-            log.info("resuming: %d of %d stages already in %s, not recomputed", len(finished),
-                     len(self.stages), self.cfg.output_dir)
-        strategy = build_strategy(self.cfg.prune.strategy, **self.cfg.prune.strategy_options)
+        cfg = self.cfg.prune
+        strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
+        result = PruneResult(stages=len(self.stages) * cfg.rounds, stages_skipped=0)
         bars = bars_wanted(self.show_progress)
         with logging_redirect_tqdm([logging.getLogger("gradprobe_dist")]) if bars else nullcontext():
-            with tqdm(total=len(self.stages), desc="stages", initial=len(finished),
-                      disable=not bars) as bar:
-                for index, stage in enumerate(self.stages):
-                    if stage not in finished:
-                        result.layers_written += self._run_stage(index, stage, strategy, ckpt, done, bars)
-                        bar.update(1)
+            with tqdm(total=result.stages, desc="stages", disable=not bars) as bar:
+                if cfg.rounds == 1:
+                    final, completed = self.open_checkpoint(restart)
+                    one_shot = Round(1, 1, cfg.sparsity, cfg.oversample if cfg.mode == "target" else 1.0)
+                    self._run_round(one_shot, final, completed, self.cfg.output_dir, strategy, result, bar)
+                else:
+                    final = self._run_rounds(restart, strategy, result, bar)
         result.sparsity = GradProbe(self.model, strategy, backend=self.backend,
                                     include=self.names).get_sparsity()
-        result.rows = self.backend.broadcast_object(self.on_main(lambda: ckpt.summary_rows()))
+        result.rows = self.backend.broadcast_object(self.on_main(lambda: final.summary_rows()))
         result.seconds = time.perf_counter() - start
         return result
 
+    def _run_rounds(self, restart: bool, strategy, result: PruneResult, bar) -> MaskCheckpoint | None:
+        """Rounds 1..k into ``output_dir/round-NNN`` (see the module docstring), then the last
+        round's masks copied to ``output_dir``, which is opened first so that a resume with
+        other settings (``prune.rounds`` included) is refused before anything runs."""
+        cfg = self.cfg.prune
+        final, published = self.open_checkpoint(restart)
+        values = schedule_values(cfg.sparsity, cfg.rounds, cfg.schedule)
+        oversample = cfg.oversample if cfg.mode == "target" else 1.0
+        previous, applied, recompute = None, True, restart
+        for number, sparsity in enumerate(values, start=1):
+            directory = round_dir(self.cfg.output_dir, number)
+            ckpt, completed = self.open_checkpoint(recompute, directory, {**self.mask_config(), "round": number})
+            resumed = set(completed) == set(self.names)
+            if resumed:
+                result.stages_skipped += len(self.stages)
+                bar.update(len(self.stages))
+            else:
+                if not applied:  # the model must hold the previous round's masks
+                    self.apply_checkpoint(previous, self.names)
+                if self.show_progress:
+                    log.info("round %d/%d: pruning to %.2f%% (%s schedule) into %s", number,
+                             cfg.rounds, 100 * sparsity, cfg.schedule, directory)
+                # the strategy selects the pruned zeros again plus the round's increment, oversampled
+                selection = tentative_fraction(values, number, oversample)
+                self._run_round(Round(number, cfg.rounds, sparsity, max(1.0, selection / sparsity), previous),
+                                ckpt, completed, directory, strategy, result, bar)
+                recompute = True  # a later round on disk was built on other masks
+            applied, previous = not resumed, ckpt
+            result.rounds.append(self._round_row(number, sparsity, ckpt, directory, resumed))
+        if not applied:
+            self.apply_checkpoint(previous, self.names)
+        if recompute and published:  # new masks: what output_dir held is out of date
+            final, published = self.open_checkpoint(True)
+        self.on_main(lambda: publish(previous, final, published))
+        return final
+
+    def _round_row(self, number: int, sparsity: float, ckpt: MaskCheckpoint | None, directory: Path,
+                   resumed: bool) -> dict:
+        rows = self.backend.broadcast_object(self.on_main(lambda: ckpt.summary_rows()))
+        reached = sum(r["pruned"] for r in rows) / sum(prod(r["shape"]) for r in rows)
+        if self.show_progress:
+            log.info("round %d/%d: sparsity %.2f%% (schedule %.2f%%)%s", number, self.cfg.prune.rounds,
+                     100 * reached, 100 * sparsity, ", resumed from disk" if resumed else "")
+        return {"round": number, "schedule": sparsity, "sparsity": reached, "directory": str(directory),
+                "resumed": resumed}
+
+    def _run_round(self, round_: Round, ckpt: MaskCheckpoint | None, completed: list[str],
+                   directory: str | Path, strategy, result: PruneResult, bar) -> None:
+        """Every stage of one round not yet in ``ckpt``; finished stages are applied."""
+        done = set(completed)
+        finished = [s for s in self.stages if all(n in done for n in s)]
+        self.apply_checkpoint(ckpt, [n for s in finished for n in s])
+        result.stages_skipped += len(finished)
+        bar.update(len(finished))
+        if finished and self.show_progress:
+            log.info("%sresuming: %d of %d stages already in %s, not recomputed", round_.label,
+                     len(finished), len(self.stages), directory)
+        bars = not bar.disable
+        for index, stage in enumerate(self.stages):
+            if stage not in finished:
+                written = self._run_stage(index, stage, strategy, ckpt, done, round_, bars)
+                prefix = f"{Path(directory).name}/" if round_.count > 1 else ""
+                result.layers_written += [prefix + name for name in written]
+                bar.update(1)
+
     def _run_stage(self, index: int, stage: list[str], strategy, ckpt: MaskCheckpoint | None,
-                   done: set[str], bars: bool) -> list[str]:
+                   done: set[str], round_: Round, bars: bool) -> list[str]:
         """Probe one stage, then gather and save each of its layers not yet checkpointed."""
         cfg = self.cfg.prune
         if self.show_progress:
-            log.info("stage %d/%d: probing %d layers (%s ... %s)", index + 1, len(self.stages),
-                     len(stage), stage[0], stage[-1])
+            log.info("%sstage %d/%d: probing %d layers (%s ... %s)", round_.label, index + 1,
+                     len(self.stages), len(stage), stage[0], stage[-1])
         stage_start = time.perf_counter()
+        before = self.read_local_masks(round_.previous, stage) if round_.number > 1 else {}
         probe = GradProbe(self.model, strategy, backend=self.backend, statistic=cfg.statistic,
                           stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=stage)
-        target = cfg.mode == "target"
-        record = probe.probe(self.calibration, loss_fn_for(self.calibration), cfg.sparsity,
+        record = probe.probe(self.calibration, loss_fn_for(self.calibration), round_.sparsity,
                              cfg.num_batches, cfg.reduction_factor, verbose=bars,
-                             oversample=cfg.oversample if target else 1.0,
+                             oversample=round_.oversample,
                              allocation=cfg.allocation if cfg.allocation.kind != "uniform" else None,
                              hessians=cfg.reconstruct)
-        masks = probe.decide(record, cfg.sparsity, mode=cfg.mode, gradient_threshold=cfg.gradient_threshold,
-                             target_scope=cfg.target_scope, reconstruct=cfg.reconstruct)
-        ratios = ratio_tensors(record) if cfg.save_ratios else {}
+        before = before or {n: torch.zeros_like(layer.tentative) for n, layer in record.layers.items()}
+        if round_.count == 1:
+            masks = probe.decide(record, cfg.sparsity, mode=cfg.mode, gradient_threshold=cfg.gradient_threshold,
+                                 target_scope=cfg.target_scope, reconstruct=cfg.reconstruct)
+        else:
+            masks = probe.apply_masks(record, round_masks(self.backend, record, before, round_.sparsity,
+                                                          cfg.mode, cfg.gradient_threshold, cfg.target_scope))
+        counts = layer_counts(self.backend, record, before, masks)
+        # ratios of the weights this stage decided about; the manifest counts the carried ones
+        ratios = {n: r.masked_fill(before[n].to(r.device), float("nan"))
+                  for n, r in ratio_tensors(record).items()} if cfg.save_ratios else {}
         seconds = (time.perf_counter() - stage_start) / len(stage)
         written = []
         for name in stage:
-            tentative = int(self.backend.sum_over_shards(
-                torch.tensor([int(record.layers[name].tentative.sum())], dtype=torch.int64)).item())
             full = self.backend.gather_full(name, masks[name])
             ratio = self.backend.gather_full(name, ratios[name]) if name in ratios else None
             if name in done:  # saved before an interruption: the probe must have agreed
                 self.on_main(lambda: self._check_agrees(ckpt, name, full))
                 continue
-            stats = {"tentative": tentative, "restored": tentative - int(full.sum()) if full is not None else 0,
+            c = counts[name]
+            stats = {"tentative": c["candidates"], "restored": c["candidates"] - c["newly_pruned"],
                      "seconds": round(seconds, 4), "stage": index}
+            if round_.count > 1:
+                stats.update({"round": round_.number, CARRIED_KEY: c["carried"]})
             tensors = {RATIO_KEY: ratio[~ratio.isnan()]} if ratio is not None else None
             self.on_main(lambda: ckpt.save_layer(name, full, stats=stats, tensors=tensors))
             written.append(name)
             if self.show_progress:
                 info = ckpt.layer_info(name)
-                log.info("stage %d/%d: %s %s pruned %d/%d (%.1f%%), restored %d", index + 1,
-                         len(self.stages), name, "x".join(map(str, info["shape"])), info["pruned"],
-                         info["numel"], 100 * info["sparsity"], info["restored"])
+                log.info("%sstage %d/%d: %s %s pruned %d/%d (%.1f%%), restored %d", round_.label,
+                         index + 1, len(self.stages), name, "x".join(map(str, info["shape"])),
+                         info["pruned"], info["numel"], 100 * info["sparsity"], info["restored"])
         return written
 
     @staticmethod
