@@ -9,7 +9,8 @@ each calibration seed, two comparisons:
   gradient ratios new/old pruned). Each GradProbe mask is also decided with
   ``reconstruct=True`` (SparseGPT's OBS update of the kept weights, H of the dense model).
   Controls for that: magnitude and Wanda masks with the same update and the same H, and
-  SparseGPT run from that H. At ``allocation_target``, per-layer allocations (OWL, and the
+  SparseGPT run from that H; for the ranking by gradient ratio: a random pick among the same
+  magnitude candidates. At ``allocation_target``, per-layer allocations (OWL, and the
   probe's own gradient redundancy), with magnitude / Wanda + OWL as controls.
 * **Threshold mode** (the original): one probe per target, every threshold of the sweep
   decided from it (``GradProbe.sweep_gradient_thresholds``); GradProbe prunes only part of
@@ -47,13 +48,14 @@ from gradprobe_dist.activations import collect_input_sq_norms  # noqa: E402
 from gradprobe_dist.allocation import allocate, owl_scores  # noqa: E402
 from gradprobe_dist.backends.local import LocalBackend  # noqa: E402
 from gradprobe_dist.compensation import collect_input_hessians  # noqa: E402
+from gradprobe_dist.decision import lowest_in_groups  # noqa: E402
 from gradprobe_dist.evaluate import evaluate  # noqa: E402
 from gradprobe_dist.log import get_logger  # noqa: E402
 from gradprobe_dist.params import find_prunable  # noqa: E402
 from gradprobe_dist.reconstruct import (accumulate_hessian, reconstruct_with_mask,  # noqa: E402
                                         sparsegpt_prune)
 from gradprobe_dist.strategies import SelectionContext  # noqa: E402
-from gradprobe_dist.strategies.base import parse_pattern  # noqa: E402
+from gradprobe_dist.strategies.base import count_to_select, parse_pattern  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_subject import (DEFAULT_CACHE, SMOKE_LM, LMSpec, digits_data, digits_subject,  # noqa: E402
@@ -65,8 +67,8 @@ log = get_logger("gradprobe_dist.bench.quality")
 BASELINES = ("random", "magnitude", "wanda", "sparsegpt")  # what the threshold sweep is matched with
 GRADPROBE = ("gradprobe_magnitude", "gradprobe_wanda")
 NAMES = {"random": "random", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
-         "sparsegpt_dense_h": "SparseGPT, dense-model H", "gradprobe_magnitude": "GradProbe+magnitude",
-         "gradprobe_wanda": "GradProbe+Wanda"}
+         "sparsegpt_dense_h": "SparseGPT, dense-model H", "random_candidates": "random among magnitude candidates",
+         "gradprobe_magnitude": "GradProbe+magnitude", "gradprobe_wanda": "GradProbe+Wanda"}
 REDUCTION_FACTOR = 0.1  # the library's default, in every probe of the benchmark
 
 
@@ -167,11 +169,13 @@ class Method:
 
     base: str  # a key of NAMES
     reconstruct: bool = False  # OBS update of the kept weights, H of the dense model
-    oversample: float | None = None  # GradProbe target mode: oversample x target candidates
+    oversample: float | None = None  # candidates = oversample x target (GradProbe target mode)
     allocation: str | None = None  # per-layer sparsity: "owl" or "gradient"
 
     @property
     def label(self) -> str:
+        if self.base == "random_candidates":
+            return f"random among magnitude ×{self.oversample:g} candidates"
         text = NAMES[self.base] + (f" target ×{self.oversample:g}" if self.oversample else "")
         text += f", {self.allocation} allocation" if self.allocation else ""
         return text + (" + reconstruction" if self.reconstruct else "")
@@ -181,6 +185,7 @@ def baseline_methods(settings: Settings, target: float, pattern: str | None) -> 
     methods = [] if pattern else [Method("random")]  # no random N:M selection in the library
     methods += [Method("magnitude"), Method("wanda"), Method("sparsegpt"), Method("sparsegpt_dense_h"),
                 Method("magnitude", reconstruct=True), Method("wanda", reconstruct=True)]
+    methods += [Method("random_candidates", oversample=o) for o in settings.oversamples]
     if pattern is None and target == settings.allocation_target and "owl" in settings.allocations:
         methods += [Method("magnitude", allocation="owl"), Method("wanda", allocation="owl")]
     return methods
@@ -227,13 +232,33 @@ def prune_baseline(method: Method, model: nn.Module, sparsity: float, calibratio
     context.input_sq_norms = calibration.input_sq_norms
     if method.allocation == "owl":
         context.layer_sparsity = owl_layer_sparsity(context, sparsity)
-    strategy = RandomPruning(seed=calibration.seed) if method.base == "random" else make_strategy(method.base, pattern)
+    if method.base == "random_candidates":
+        masks = random_among_candidates(context, sparsity, method.oversample, calibration.seed, pattern)
+    elif method.base == "random":
+        masks = RandomPruning(seed=calibration.seed).select(context, sparsity)
+    else:
+        masks = make_strategy(method.base, pattern).select(context, sparsity)
     with torch.no_grad():
-        for name, mask in strategy.select(context, sparsity).items():
+        for name, mask in masks.items():
             if method.reconstruct:
                 params[name].copy_(reconstruct_with_mask(params[name], calibration.hessians[name], mask))
             else:
                 params[name].masked_fill_(mask, 0.0)
+
+
+def random_among_candidates(context: SelectionContext, sparsity: float, oversample: float, seed: int,
+                            pattern: str | None) -> dict[str, torch.Tensor]:
+    """The control of target mode's ranking: of magnitude's ``oversample`` x ``sparsity``
+    candidates (what GradProbe+magnitude probes), prune a seeded random ``sparsity`` per
+    layer (N of every M with ``pattern``) instead of the lowest gradient ratios."""
+    candidates = make_strategy("magnitude", pattern).select(context, min(1.0, sparsity * oversample))
+    gen = torch.Generator().manual_seed(seed)
+    scores = {name: torch.rand(c.shape, generator=gen).masked_fill(~c, 2.0) for name, c in candidates.items()}
+    if pattern:
+        n, m = parse_pattern(pattern)
+        return {name: lowest_in_groups(s.reshape(s.shape[0], -1), n, m).reshape(s.shape) for name, s in scores.items()}
+    counts = {name: count_to_select(s.numel(), sparsity) for name, s in scores.items()}
+    return context.select_smallest_each(scores, counts)
 
 
 def owl_layer_sparsity(context: SelectionContext, sparsity: float) -> dict[str, float]:
@@ -457,14 +482,29 @@ def short_label(row: dict) -> str:
     return NAMES[row["method"]] + (f" ×{row['oversample']:g}" if row["oversample"] else "")
 
 
-def headline_verdicts(headline: list[dict], higher_is_better: bool) -> str:
-    """How often GradProbe's best variant beats each comparison's best, counted from the means."""
-    def wins(ours: str, theirs: str) -> str:
-        better = sum((h["best"][ours]["metric"]["mean"] > h["best"][theirs]["metric"]["mean"]) == higher_is_better
-                     and h["best"][ours]["metric"]["mean"] != h["best"][theirs]["metric"]["mean"] for h in headline)
-        return f"{better}/{len(headline)}"
+def better(ours: dict, theirs: dict, higher_is_better: bool) -> bool:
+    """Strictly better mean."""
+    a, b = ours["metric"]["mean"], theirs["metric"]["mean"]
+    return a != b and (a > b) == higher_is_better
 
-    return (f"GradProbe target's best mean is better than the better of magnitude / Wanda at "
+
+def verdicts(summary: dict, higher_is_better: bool) -> str:
+    """How often GradProbe's best variant beats each comparison's best, and how often its
+    ranking by gradient ratio beats a random pick among the same candidates (from the means)."""
+    headline = summary["headline"]
+
+    def wins(ours: str, theirs: str) -> str:
+        count = sum(better(h["best"][ours], h["best"][theirs], higher_is_better) for h in headline)
+        return f"{count}/{len(headline)}"
+
+    rows = summary["at_target"]
+    pairs = [(r, next(c for c in rows if c["method"] == "random_candidates" and c["oversample"] == r["oversample"]
+                      and c["target"] == r["target"] and c["pattern"] == r["pattern"]))
+             for r in rows if r["method"] == "gradprobe_magnitude" and not r["reconstruct"] and not r["allocation"]]
+    ranking = sum(better(ours, control, higher_is_better) for ours, control in pairs)
+    return (f"GradProbe+magnitude in target mode beats a random pick among the same magnitude candidates in "
+            f"{ranking}/{len(pairs)} (target, oversample) cases. "
+            f"GradProbe target's best mean is better than the better of magnitude / Wanda at "
             f"{wins('GradProbe target', 'magnitude / Wanda')} targets. With reconstruction, it is better than "
             f"magnitude / Wanda + reconstruction (same H) at "
             f"{wins('GradProbe target + reconstruction', 'magnitude / Wanda + reconstruction')}, than SparseGPT "
@@ -484,7 +524,11 @@ def markdown(report: dict) -> str:
              "block: each block's H from inputs through the already pruned blocks, as the reference). "
              "*GradProbe+X target ×o*: GradProbe probing the candidates strategy X selects at o × the target "
              "(capped at every weight), then pruning exactly the target with the lowest gradient ratio new/old "
-             f"(reduction factor {REDUCTION_FACTOR:g}; for N:M, exactly N of every M). *+ reconstruction*: the "
+             f"(reduction factor {REDUCTION_FACTOR:g}; for N:M, exactly N of every M). Where o × target ≥ 1 every "
+             "weight is a candidate (the whole model scaled down in the probe): the magnitude and Wanda variants "
+             "then coincide and the gradient ratio alone decides. *random among magnitude ×o candidates*: the "
+             "same candidates as GradProbe+magnitude ×o, the target picked at random among them (the control for "
+             "ranking by gradient ratio). *+ reconstruction*: the "
              "kept weights of every layer updated by SparseGPT's OBS step with the mask fixed, from H = 2XXᵀ of "
              "the dense model's inputs (what `prune(reconstruct=True)` records); *magnitude / Wanda + "
              "reconstruction* and *SparseGPT, dense-model H* use that same H, so they isolate the mask from the "
@@ -500,7 +544,7 @@ def markdown(report: dict) -> str:
                   "### Headline: best of each kind at the same exact sparsity", "",
                   "Each cell: the best mean among the rows of that kind (GradProbe picks from "
                   f"{len(GRADPROBE) * len(settings['oversamples'])} variants, magnitude / Wanda from 2: the "
-                  "selection favours GradProbe). " + headline_verdicts(summary["headline"], higher), "",
+                  "selection favours GradProbe). " + verdicts(summary, higher), "",
                   "| target | " + " | ".join(HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
         for h in summary["headline"]:
             lines.append(f"| {target_name(h['target'], h['pattern'])} | " + " | ".join(
@@ -554,7 +598,7 @@ def markdown(report: dict) -> str:
 
 # -- plots ------------------------------------------------------------------------------------
 COLORS = {"random": "C0", "magnitude": "C1", "wanda": "C2", "sparsegpt": "C3", "sparsegpt_dense_h": "C6",
-          "gradprobe_magnitude": "C4", "gradprobe_wanda": "C5"}
+          "random_candidates": "C7", "gradprobe_magnitude": "C4", "gradprobe_wanda": "C5"}
 
 
 def plot(report: dict, out: Path) -> list[Path]:
@@ -570,11 +614,13 @@ def plot(report: dict, out: Path) -> list[Path]:
 
 
 def plot_target(name: str, sub: dict, settings: dict, path: Path) -> Path:
-    """Left: unstructured targets (no random, no allocation); right: the N:M rows."""
+    """Left: unstructured targets (no random, no allocation); right: the N:M rows. Perplexity
+    on a log axis: the ×2 rows sit far above the others."""
     import matplotlib.pyplot as plt
 
     rows, metric = sub["summary"]["at_target"], sub["metric"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    scale = "log" if metric == "perplexity" else "linear"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [3, 2]})
     unstructured = [r for r in rows if r["pattern"] is None and r["method"] != "random" and not r["allocation"]]
     for label in dict.fromkeys(r["label"] for r in unstructured):
         line = sorted((r for r in unstructured if r["label"] == label), key=lambda r: r["target"])
@@ -584,21 +630,19 @@ def plot_target(name: str, sub: dict, settings: dict, path: Path) -> Path:
                       linestyle="--" if first["reconstruct"] else "-",
                       marker={None: "o", settings["oversamples"][0]: "s"}.get(first["oversample"], "^"))
     left.axhline(sub["dense"], color="k", linestyle=":", linewidth=1, label="dense")
-    left.set(xlabel="target sparsity = actual sparsity (%)", ylabel=metric,
+    left.set(xlabel="target sparsity = actual sparsity (%)", ylabel=metric, yscale=scale,
              title=f"{name}: every method at the target (mean ± std over seeds; dashed: + reconstruction)")
     left.title.set_fontsize(9)
     left.legend(fontsize=6, ncol=2)
     nm = [r for r in rows if r["pattern"]]
-    if nm:
-        right.barh(range(len(nm)), [r["metric"]["mean"] for r in nm], xerr=[r["metric"]["std"] for r in nm],
-                   color=[COLORS[r["method"]] for r in nm], capsize=2)
-        right.set_yticks(range(len(nm)), [f"{r['label']} ({r['pattern']})" for r in nm], fontsize=7)
-        right.invert_yaxis()
-        right.axvline(sub["dense"], color="k", linestyle=":", linewidth=1)
-        low = min(min(r["metric"]["mean"] - r["metric"]["std"] for r in nm), sub["dense"])
-        high = max(max(r["metric"]["mean"] + r["metric"]["std"] for r in nm), sub["dense"])
-        right.set_xlim(low - 0.05 * (high - low), high + 0.05 * (high - low))
-        right.set(xlabel=f"{metric} (dotted: dense)", title="semi-structured")
+    for i, r in enumerate(nm):
+        right.errorbar(r["metric"]["mean"], i, xerr=r["metric"]["std"], fmt="o", capsize=3,
+                       color=COLORS[r["method"]], mfc="none" if r["reconstruct"] else COLORS[r["method"]])
+    right.set_yticks(range(len(nm)), [f"{r['label']} ({r['pattern']})" for r in nm], fontsize=7)
+    right.invert_yaxis()
+    right.axvline(sub["dense"], color="k", linestyle=":", linewidth=1)
+    right.grid(axis="x", linewidth=0.3)
+    right.set(xlabel=f"{metric} (dotted: dense; hollow: + reconstruction)", xscale=scale, title="semi-structured")
     return _save(fig, path)
 
 

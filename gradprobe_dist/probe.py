@@ -116,6 +116,11 @@ class GradProbe:
                reconstruct: bool = False) -> dict[str, torch.Tensor]:
         """Turn a probe's record into masks and apply them (see ``prune`` for the options);
         the pipeline calls ``probe`` and ``decide`` separately to checkpoint in between."""
+        check_mode(mode, 1.0, target_scope)
+        check_threshold(gradient_threshold)
+        if reconstruct and not record.hessians:
+            raise ValueError("reconstruct=True needs the layers' input Hessians: call "
+                             "probe(..., hessians=True) first")
         if mode == "threshold":
             masks = record.masks(gradient_threshold)
         else:
@@ -215,6 +220,10 @@ class GradProbe:
         ``hessians=True`` also records each Linear layer's input Hessian (for reconstruction).
         """
         check_prune_args(sparsity, num_batches, reduction_factor, 0.0)
+        if sparsity * oversample >= 1.0 and self.backend.is_main:
+            log.warning("oversample x sparsity = %.2f >= 1: every weight becomes a candidate and "
+                        "the whole model is scaled down during the probe, which blurs the gradient "
+                        "ratios; lower oversample", sparsity * oversample)
         self.layer_sparsity = None
         batches = take_batches(dataloader, num_batches)
         loss_of = make_loss_of_batch(loss_fn, compute_loss)

@@ -34,6 +34,7 @@ def expected_rows(settings, target, pattern):
     """(method, reconstruct, oversample, allocation) of every row the benchmark promises."""
     rows = {(b, False, None, None) for b in ("magnitude", "wanda", "sparsegpt", "sparsegpt_dense_h")}
     rows |= {(b, True, None, None) for b in ("magnitude", "wanda")}
+    rows |= {("random_candidates", False, o, None) for o in settings["oversamples"]}
     rows |= {(g, r, o, None) for g in GRADPROBE for o in settings["oversamples"] for r in (False, True)}
     if pattern is None:
         rows.add(("random", False, None, None))

@@ -24,7 +24,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..log import get_logger
-from .base import Backend, LocalSlice, freeze_all_but, restore_requires_grad
+from .base import LocalSlice, freeze_all_but
+from .local import LocalBackend
 from .collectives import (DistributedCollectives, check_param_names, comm_device, gather_rows,
                           require_process_group, scatter_rows)
 
@@ -61,7 +62,10 @@ def _matches(name: str, pattern: str) -> bool:
     return len(parts) == len(pattern_parts) and all(map(fnmatch, parts, pattern_parts))
 
 
-class FSDPBackend(DistributedCollectives, Backend):
+class FSDPBackend(DistributedCollectives, LocalBackend):
+    """``LocalBackend``'s bookkeeping (``release`` restores ``requires_grad``; the sharding
+    itself stays, FSDP2 cannot undo it) over FSDP2's sharded parameters."""
+
     name = "fsdp"
     replicated = False
 
@@ -105,19 +109,7 @@ class FSDPBackend(DistributedCollectives, Backend):
             if isinstance(module, FSDPModule):
                 module.reshard()
 
-    def release(self) -> None:
-        """Restore ``requires_grad``; the sharding itself stays (FSDP2 cannot undo it)."""
-        restore_requires_grad(self._params, self._saved_requires_grad)
-        self._saved_requires_grad = None
-
     # -- gradients and weights -------------------------------------------------------------
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def zero_grad(self) -> None:
-        for p in self._params.values():
-            p.grad = None
-
     def local_grad(self, name: str) -> torch.Tensor | None:
         grad = self._params[name].grad
         return None if grad is None else grad.to_local()
