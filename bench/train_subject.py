@@ -28,7 +28,8 @@ from gradprobe_dist.log import get_logger  # noqa: E402
 torch.set_num_threads(1)
 log = get_logger("gradprobe_dist.bench.train_subject")
 
-SHAKESPEARE = Path(os.environ.get("SHAKESPEARE_DIR", "/work/shared/data/shakespeare"))
+SHAKESPEARE = Path(os.environ.get(
+    "SHAKESPEARE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare"))  # ../shared
 VALIDATION_PLAYS = ("hamlet_gut.txt", "julius_caesar_gut.txt")
 DEFAULT_CACHE = Path(__file__).parent / ".cache"
 
