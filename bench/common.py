@@ -10,19 +10,18 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import pickle
 import platform
-import queue as queue_module
 import resource
-import socket
 import statistics
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+
+# fn(rank, world_size, *args) on N local gloo processes, one thread each, with a hard timeout
+from gradprobe_dist.distributed.local_ranks import run_ranks as launch_ranks  # noqa: F401
 
 
 # -- clocks ------------------------------------------------------------------------------------
@@ -149,69 +148,3 @@ def write_results(out_dir: str | Path, stem: str, data: dict, markdown: str) -> 
     return json_path, md_path
 
 
-# -- real ranks -------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
-    except BaseException:  # every failure goes back to the parent, SystemExit included
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def launch_ranks(fn: Callable, world_size: int, *args, timeout: float) -> list:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined in one gloo
-    process group (one thread each); return the results by rank.
-
-    ``fn`` must be importable (module level); results travel pickled, so return plain data.
-    A failing rank raises RuntimeError with its traceback; past ``timeout`` seconds every
-    process is killed and TimeoutError raised, so a hung collective cannot hang the caller.
-    """
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, fn, args, results), daemon=True)
-             for rank in range(world_size)]
-    for p in procs:
-        p.start()
-    done: dict[int, object] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(done) < world_size:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(done))} of "
-                                   f"{fn.__name__} did not finish within {timeout:.0f} s")
-            try:
-                rank, status, payload = results.get(timeout=1.0)
-            except queue_module.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in done]
-                if dead:
-                    raise RuntimeError(f"rank {dead[0]} of {fn.__name__} died with exit code "
-                                       f"{procs[dead[0]].exitcode}") from None
-                continue
-            if status == "error":
-                raise RuntimeError(f"rank {rank} of {fn.__name__} failed:\n{payload}")
-            done[rank] = pickle.loads(payload)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-    return [done[rank] for rank in range(world_size)]

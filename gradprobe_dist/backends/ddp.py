@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..log import get_logger
 from .local import LocalBackend
-from .base import freeze_all_but, restore_requires_grad
+from .base import freeze_all_but
 from .collectives import (DistributedCollectives, broadcast_tensor, check_param_names, comm_device,
                           require_process_group)
 
