@@ -110,7 +110,7 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a reader sees either the old or the new file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -258,7 +258,7 @@ class MaskCheckpoint:
             "layers": {},
             "order": [],
         }
-        _atomic_write(directory / MANIFEST_NAME, _manifest_bytes(manifest))
+        atomic_write(directory / MANIFEST_NAME, _manifest_bytes(manifest))
         return cls(directory, manifest)
 
     @classmethod
@@ -309,6 +309,12 @@ class MaskCheckpoint:
         """The saved mask of one layer as a BoolTensor of its full shape (True = pruned)."""
         return self._load(name)[0]
 
+    def copy_layer_from(self, source: "MaskCheckpoint", name: str) -> None:
+        """Save ``source``'s layer ``name`` here: mask, stats and saved tensors unchanged."""
+        info = source.layer_info(name)
+        self.save_layer(name, source.load_layer(name), tensors=source.load_layer_tensors(name),
+                        stats={k: v for k, v in info.items() if k not in _COMPUTED_FIELDS})
+
     def load_layer_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The extra tensors saved with a layer (``save_layer(..., tensors=...)``)."""
         return self._load(name)[1]
@@ -341,7 +347,7 @@ class MaskCheckpoint:
         }
         data = safetensors_save(payload, metadata={"layer": name, "format_version": str(FORMAT_VERSION)})
         file = f"{LAYERS_DIR}/{_layer_file_name(name)}"
-        _atomic_write(self.directory / file, data)
+        atomic_write(self.directory / file, data)
 
         pruned = int(mask.sum())
         entry = {
@@ -362,7 +368,7 @@ class MaskCheckpoint:
             "layers": {**self._manifest["layers"], name: entry},
             "order": [*self._manifest["order"], name],
         }
-        _atomic_write(self.directory / MANIFEST_NAME, _manifest_bytes(manifest))
+        atomic_write(self.directory / MANIFEST_NAME, _manifest_bytes(manifest))
         self._manifest = manifest
 
     def _check_new_layer(self, name: str, mask: Any, stats: Mapping, tensors: dict) -> None:

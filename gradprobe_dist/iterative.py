@@ -36,7 +36,7 @@ from safetensors.torch import save as safetensors_save
 
 from .backends.base import Backend
 from .batches import LossOfBatch, take_batches
-from .checkpoint import (CheckpointMismatchError, MaskCheckpoint, _atomic_write,
+from .checkpoint import (CheckpointMismatchError, MaskCheckpoint, atomic_write,
                          model_fingerprint)
 from .decision import ProbeRecord, prune_decision
 from .log import get_logger
@@ -277,7 +277,7 @@ class RoundCheckpoint:
 
     def _write_schedule(self, rows: list[dict]) -> None:
         state = {"format_version": FORMAT_VERSION, "settings": self.settings, "completed": rows}
-        _atomic_write(self.directory / SCHEDULE_FILE, json.dumps(state, indent=2).encode())
+        atomic_write(self.directory / SCHEDULE_FILE, json.dumps(state, indent=2).encode())
 
     def _round_config(self, number: int) -> dict:
         return {**self.settings, "round": number}
@@ -324,7 +324,7 @@ class RoundCheckpoint:
                 name, full, stats=stats, tensors={RATIO_KEY: ratio[~ratio.isnan()]}), share=False)
         if self.settings["finetune"]:
             weights = directory / WEIGHTS_FILE
-            _from_main(backend, lambda: _atomic_write(weights, _weights_bytes(self.probe.model)),
+            _from_main(backend, lambda: atomic_write(weights, _weights_bytes(self.probe.model)),
                        share=False)
         _from_main(backend, lambda: self._finish(number, row), share=False)
 

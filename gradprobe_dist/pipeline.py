@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .backends import Backend, build_backend
-from .checkpoint import _COMPUTED_FIELDS, MaskCheckpoint, model_fingerprint
+from .checkpoint import MaskCheckpoint, model_fingerprint
 from .config import RunConfig
 from .data.loader import calibration_batches
 from .distributed.env import DistEnv
@@ -159,9 +159,7 @@ def publish(source: MaskCheckpoint, target: MaskCheckpoint, done: list[str]) -> 
     (``output_dir``), masks, stats and saved tensors unchanged."""
     for name in source.completed():
         if name not in done:
-            info = source.layer_info(name)
-            target.save_layer(name, source.load_layer(name), tensors=source.load_layer_tensors(name),
-                              stats={k: v for k, v in info.items() if k not in _COMPUTED_FIELDS})
+            target.copy_layer_from(source, name)
 
 
 # -- the job ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from gradprobe_dist.strategies import MagnitudePruning
 
 sys.path.insert(0, os.path.dirname(__file__))
 from multiproc import run_ranks  # noqa: E402
-from test_cli import log_lines, run_json, run_two_ranks, succeeded  # noqa: E402,F401
+from cli_helpers import run_json, run_two_ranks, succeeded  # noqa: E402,F401
 from test_pipeline import ONE_PROCESS, STAGE_LAYERS, make_tiny_data, write_config  # noqa: E402
 
 LAYERS = [n for stage in STAGE_LAYERS for n in stage]

@@ -23,8 +23,8 @@ from gradprobe_dist import cli
 from gradprobe_dist.checkpoint import MaskCheckpoint, load_masks
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_cli import (REPO, TWO_RANK_TIMEOUT, launch_env, log_lines, run_json, run_two_ranks,  # noqa: E402,F401
-                      succeeded, torchrun_command)
+from cli_helpers import (REPO, TWO_RANK_TIMEOUT, launch_env, run_json, run_two_ranks,  # noqa: E402,F401
+                         succeeded, torchrun_command)
 from test_pipeline import STAGE_LAYERS, make_tiny_data, write_config  # noqa: E402
 
 LAYERS = [n for stage in STAGE_LAYERS for n in stage]
@@ -70,14 +70,14 @@ def config(data, tmp_path) -> Path:
 def test_a_failing_layer_write_keeps_the_previous_checkpoint_and_resume_completes_it(
         config, reference, tmp_path, monkeypatch):
     masks = tmp_path / "masks"
-    real_write = checkpoint_module._atomic_write
+    real_write = checkpoint_module.atomic_write
 
     def failing_write(path, payload):  # the 6th layer file (stage 2's 2nd layer) hits a full disk
         if path.name == f"{LAYERS[5]}.safetensors":
             raise OSError(28, "No space left on device")
         real_write(path, payload)
 
-    monkeypatch.setattr(checkpoint_module, "_atomic_write", failing_write)
+    monkeypatch.setattr(checkpoint_module, "atomic_write", failing_write)
     with pytest.raises(OSError, match="No space left"):
         cli.main(["prune", "--config", str(config), "--quiet"])
     monkeypatch.undo()
