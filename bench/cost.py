@@ -37,9 +37,9 @@ import torch.nn.functional as F  # noqa: E402
 from gradprobe_dist import GradProbe, MagnitudePruning, RandomPruning, SimpleMLP, WandaPruning  # noqa: E402
 from gradprobe_dist import statistics as grad_statistics  # noqa: E402
 from gradprobe_dist.data.shards import bundled_text_path  # noqa: E402
-from gradprobe_dist.log import get_logger  # noqa: E402
+from gradprobe_dist.runtime.log import get_logger  # noqa: E402
 from gradprobe_dist.models import TinyGPT, TinyGPTConfig  # noqa: E402
-from gradprobe_dist.params import find_prunable  # noqa: E402
+from gradprobe_dist.probe.params import find_prunable  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (Seconds, current_rss_bytes, launch_ranks, machine, markdown_table,  # noqa: E402
@@ -440,7 +440,7 @@ def rank_probes(rank: int, world_size: int, modes: tuple[str, ...], spec: MLPSpe
     profiled probes; the median one by wall time is reported."""
     from torch.profiler import ProfilerActivity, profile
 
-    from gradprobe_dist.backends import build_backend
+    from gradprobe_dist.parallel import build_backend
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated calls
     results = {}

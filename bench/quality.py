@@ -44,15 +44,15 @@ import torch.nn as nn  # noqa: E402
 
 from gradprobe_dist import (Allocation, GradProbe, MagnitudePruning, PruningStrategy,  # noqa: E402
                             RandomPruning, WandaPruning)
-from gradprobe_dist.activations import collect_input_sq_norms  # noqa: E402
-from gradprobe_dist.allocation import allocate, owl_scores  # noqa: E402
-from gradprobe_dist.backends.local import LocalBackend  # noqa: E402
-from gradprobe_dist.compensation import collect_input_hessians  # noqa: E402
-from gradprobe_dist.decision import lowest_in_groups  # noqa: E402
-from gradprobe_dist.evaluate import evaluate  # noqa: E402
-from gradprobe_dist.log import get_logger  # noqa: E402
-from gradprobe_dist.params import find_prunable  # noqa: E402
-from gradprobe_dist.reconstruct import (accumulate_hessian, reconstruct_with_mask,  # noqa: E402
+from gradprobe_dist.strategies.activations import collect_input_sq_norms  # noqa: E402
+from gradprobe_dist.strategies.allocation import allocate, owl_scores  # noqa: E402
+from gradprobe_dist.parallel.local import LocalBackend  # noqa: E402
+from gradprobe_dist.reconstruct.apply import collect_input_hessians  # noqa: E402
+from gradprobe_dist.probe.decision import lowest_in_groups  # noqa: E402
+from gradprobe_dist.pipeline.evaluate import evaluate  # noqa: E402
+from gradprobe_dist.runtime.log import get_logger  # noqa: E402
+from gradprobe_dist.probe.params import find_prunable  # noqa: E402
+from gradprobe_dist.reconstruct.obs import (accumulate_hessian, reconstruct_with_mask,  # noqa: E402
                                         sparsegpt_prune)
 from gradprobe_dist.strategies import SelectionContext  # noqa: E402
 from gradprobe_dist.strategies.base import count_to_select, parse_pattern  # noqa: E402

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from gradprobe_dist import SimpleMLP  # noqa: E402
-from gradprobe_dist.log import get_logger  # noqa: E402
+from gradprobe_dist.runtime.log import get_logger  # noqa: E402
 
 torch.set_num_threads(1)
 log = get_logger("gradprobe_dist.bench.train_subject")

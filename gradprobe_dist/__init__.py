@@ -1,12 +1,12 @@
 """GradProbe-dist: gradient-probing pruning, from one process to FSDP2 / ZeRO-3 ranks."""
-from .allocation import Allocation
-from .decision import ProbeRecord
-from .iterative import iterative_prune, schedule_values
-from .masking import from_torch_prune, to_torch_prune
-from .models import SimpleMLP, TinyGPT, TinyGPTConfig
-from .probe import GradProbe
-from .strategies import (MagnitudePruning, PruningStrategy, RandomPruning, WandaPruning,
-                         build_strategy)
+from gradprobe_dist.strategies.allocation import Allocation
+from gradprobe_dist.probe.decision import ProbeRecord
+from gradprobe_dist.pipeline.rounds import iterative_prune, schedule_values
+from gradprobe_dist.masking import from_torch_prune, to_torch_prune
+from gradprobe_dist.models import SimpleMLP, TinyGPT, TinyGPTConfig
+from gradprobe_dist.probe.gradprobe import GradProbe
+from gradprobe_dist.strategies import (MagnitudePruning, PruningStrategy, RandomPruning,
+                                       WandaPruning, build_strategy)
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,7 @@ import warnings
 
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from .log import get_logger, is_main_process
+from gradprobe_dist.runtime.log import get_logger, is_main_process
 
 EXIT_USAGE = 2
 
@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed calls torch.distributed functions torch has deprecated, once per collective
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
                             category=FutureWarning)
-    from . import commands
-    from .distributed.env import destroy_distributed
-    from .pipeline import MainRankFailed
+    from gradprobe_dist.pipeline import commands
+    from gradprobe_dist.runtime.env import destroy_distributed
+    from gradprobe_dist.pipeline.job import MainRankFailed
 
     try:
         result = getattr(commands, args.command.replace("-", "_"))(args)

@@ -78,7 +78,7 @@ def semi_structured(weight: torch.Tensor, mask: torch.Tensor):
     in every group of four along the input dim, on a CUDA device, in fp16/bf16/int8; the
     pattern is checked here first so a wrong mask fails with a clear message.
     """
-    from .decision import check_nm
+    from gradprobe_dist.probe.decision import check_nm
 
     check_nm(mask, 2, 4, exact=True)
     return torch.sparse.to_sparse_semi_structured(weight.detach().masked_fill(mask.to(weight.device), 0))

@@ -5,10 +5,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradprobe_dist import GradProbe, MagnitudePruning, SimpleMLP, WandaPruning
-from gradprobe_dist.allocation import Allocation, allocate, owl_scores
+from gradprobe_dist.strategies.allocation import Allocation, allocate, owl_scores
 from gradprobe_dist.strategies.wanda import wanda_scores
-from gradprobe_dist.backends.base import LocalSlice
-from gradprobe_dist.backends.local import LocalBackend
+from gradprobe_dist.parallel.base import LocalSlice
+from gradprobe_dist.parallel.local import LocalBackend
 
 
 def test_allocate_mean_bounds_and_order():

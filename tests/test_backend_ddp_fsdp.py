@@ -76,9 +76,9 @@ def reference_grads(model, names, x, y):
 
 def make_backend(kind):
     if kind == "ddp":
-        from gradprobe_dist.backends.ddp import DDPBackend
+        from gradprobe_dist.parallel.ddp import DDPBackend
         return DDPBackend()
-    from gradprobe_dist.backends.fsdp import FSDPBackend
+    from gradprobe_dist.parallel.fsdp import FSDPBackend
     return FSDPBackend()
 
 
@@ -115,7 +115,7 @@ def _exercise(rank, world_size, kind, model_key):
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from gradprobe_dist.backends.base import LocalSlice
+    from gradprobe_dist.parallel.base import LocalSlice
 
     build, names = MODELS[model_key]
     torch.manual_seed(0)
@@ -240,7 +240,7 @@ def test_backend_matches_one_process(kind, model_key, units):
 
 
 def _collectives_and_errors(rank, world_size):
-    from gradprobe_dist.backends import collectives as C
+    from gradprobe_dist.parallel import collectives as C
 
     out = {}
     full = torch.arange(12, dtype=torch.float32).reshape(4, 3)
@@ -296,7 +296,7 @@ def test_collectives_uneven_empty_parts_and_errors():
 
 
 def test_unit_names():
-    from gradprobe_dist.backends.fsdp import unit_names
+    from gradprobe_dist.parallel.fsdp import unit_names
 
     assert unit_names(TinyNet(), TINY_PRUNABLE) == ["blocks.0", "blocks.1"]
     assert unit_names(sequential_net(), ["0.weight", "4.weight"]) == ["0", "4"]

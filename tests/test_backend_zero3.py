@@ -74,7 +74,7 @@ def probe_ranks(rank, world_size):
     """Everything the probe does with a backend, recorded for comparison with ``reference``."""
     import deepspeed
 
-    from gradprobe_dist.backends.zero3 import Zero3Backend
+    from gradprobe_dist.parallel.zero3 import Zero3Backend
 
     built = []
     real_initialize = deepspeed.initialize
@@ -245,7 +245,7 @@ def test_second_prepare_reuses_the_engine_and_release_restores_flags(ranks):
 
 
 def test_constructor_needs_a_process_group_and_a_valid_batch_size():
-    from gradprobe_dist.backends.zero3 import Zero3Backend
+    from gradprobe_dist.parallel.zero3 import Zero3Backend
 
     with pytest.raises(ValueError, match="micro_batch_size"):
         Zero3Backend(micro_batch_size=0)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gradprobe_dist import checkpoint as ckpt
-from gradprobe_dist.checkpoint import (
+from gradprobe_dist.checkpoint import store as ckpt
+from gradprobe_dist.checkpoint.store import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     MaskCheckpoint,
@@ -250,7 +250,7 @@ def test_killed_writer_leaves_loadable_checkpoint(tmp_path):
     _, masks = save_two_layers(tmp_path)
     script = textwrap.dedent(f"""
         import os, torch
-        from gradprobe_dist.checkpoint import MaskCheckpoint
+        from gradprobe_dist.checkpoint.store import MaskCheckpoint
         fingerprint = {json.dumps(FINGERPRINT)}
         config = {json.dumps(CONFIG)}
         checkpoint = MaskCheckpoint.open({str(tmp_path)!r}, model_fingerprint=fingerprint, config=config)

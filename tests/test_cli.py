@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from gradprobe_dist import cli
-from gradprobe_dist.checkpoint import MaskCheckpoint, load_masks
+from gradprobe_dist.checkpoint.store import MaskCheckpoint, load_masks
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cli_helpers import run_json, run_two_ranks, succeeded  # noqa: E402

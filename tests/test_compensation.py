@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from gradprobe_dist import GradProbe, MagnitudePruning, SimpleMLP
-from gradprobe_dist.backends import build_backend
+from gradprobe_dist.parallel import build_backend
 from multiproc import run_ranks
 
 

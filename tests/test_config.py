@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gradprobe_dist.config import ConfigError, RunConfig, load_config
+from gradprobe_dist.pipeline.config import ConfigError, RunConfig, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

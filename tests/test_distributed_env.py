@@ -12,7 +12,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from multiproc import free_port, run_ranks  # noqa: E402
 
-from gradprobe_dist.distributed.env import (  # noqa: E402
+from gradprobe_dist.runtime.env import (  # noqa: E402
     DistEnv,
     destroy_distributed,
     init_distributed,
@@ -27,7 +27,7 @@ RANK_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch
     import torch.distributed as dist
-    from gradprobe_dist.distributed.env import destroy_distributed, init_distributed
+    from gradprobe_dist.runtime.env import destroy_distributed, init_distributed
 
     torch.set_num_threads(1)
     env = init_distributed()

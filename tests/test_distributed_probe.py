@@ -115,7 +115,7 @@ def local_weight_check(backend, masks, originals) -> dict[str, int]:
 
 def probe_every_strategy(rank, world_size, mode, shard_dir):
     from gradprobe_dist import GradProbe
-    from gradprobe_dist.backends import build_backend
+    from gradprobe_dist.parallel import build_backend
     from gradprobe_dist.data.loader import calibration_batches
 
     batches = calibration_batches(shard_dir, micro_batch_size=MICRO, num_batches=NUM_BATCHES,

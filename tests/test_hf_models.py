@@ -61,8 +61,8 @@ def expected_prunable(arch: str) -> list[str]:
 
 
 def load(path: str) -> nn.Module:
-    from gradprobe_dist.config import ModelConfig
-    from gradprobe_dist.factory import build_model
+    from gradprobe_dist.pipeline.config import ModelConfig
+    from gradprobe_dist.pipeline.build import build_model
 
     return build_model(ModelConfig(kind="hf", path=path))
 
@@ -91,7 +91,7 @@ def shard_dir(tmp_path_factory) -> str:
 # -- which weights, and Wanda's transposed layout (one process) ------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prunable_weights_are_the_attention_and_mlp_projections(model_dirs, arch):
-    from gradprobe_dist.params import find_prunable, stores_transposed
+    from gradprobe_dist.probe.params import find_prunable, stores_transposed
 
     model = load(model_dirs[arch])
     owners = find_prunable(model)
@@ -132,7 +132,7 @@ def test_wanda_on_conv1d_selects_per_output_column_like_the_linear_twin():
 
 def _shards(full_shape, layout: str, parts: int):
     """The LocalSlices a backend would hand out: FSDP2 row blocks or ZeRO-3 flat pieces."""
-    from gradprobe_dist.backends.base import LocalSlice
+    from gradprobe_dist.parallel.base import LocalSlice
 
     shape = torch.Size(full_shape)
     if layout == "rows":
@@ -147,7 +147,7 @@ def _shards(full_shape, layout: str, parts: int):
 @pytest.mark.parametrize("transposed,shape", [(True, (6, 10)), (False, (10, 6)), (False, (4, 3, 2))])
 @pytest.mark.parametrize("layout", ["rows", "flat"])
 def test_wanda_scores_of_local_parts_tile_the_full_scores(transposed, shape, layout):
-    from gradprobe_dist.backends.base import LocalSlice
+    from gradprobe_dist.parallel.base import LocalSlice
     from gradprobe_dist.strategies.wanda import input_norms, wanda_scores
 
     gen = torch.Generator().manual_seed(0)
@@ -174,7 +174,7 @@ def test_wanda_scores_of_local_parts_tile_the_full_scores(transposed, shape, lay
 def test_conv1d_input_norms_are_summed_over_every_token():
     from transformers.pytorch_utils import Conv1D
 
-    from gradprobe_dist.activations import collect_input_sq_norms
+    from gradprobe_dist.strategies.activations import collect_input_sq_norms
 
     layer = Conv1D(5, 3)
     x = torch.randn(2, 4, 3)
@@ -215,7 +215,7 @@ def prune_arch(model, backend, batches) -> dict:
 def prune_every_arch(rank, world_size, mode, shard_dir, model_dirs):
     from torch.distributed.fsdp import FSDPModule
 
-    from gradprobe_dist.backends import build_backend
+    from gradprobe_dist.parallel import build_backend
     from gradprobe_dist.data.loader import calibration_batches
 
     batches = calibration_batches(shard_dir, micro_batch_size=MICRO, num_batches=NUM_BATCHES,
@@ -231,7 +231,7 @@ def prune_every_arch(rank, world_size, mode, shard_dir, model_dirs):
 
 @pytest.fixture(scope="module")
 def reference(model_dirs, shard_dir):
-    from gradprobe_dist.backends.local import LocalBackend
+    from gradprobe_dist.parallel.local import LocalBackend
     from gradprobe_dist.data.loader import global_reference_batches
 
     batches = global_reference_batches(shard_dir, micro_batch_size=MICRO, num_batches=NUM_BATCHES,
@@ -299,7 +299,7 @@ def test_fsdp_shards_each_transformer_block(ranks):
 def test_export_writes_a_pruned_model_that_plain_transformers_reloads(tmp_path, model_dirs, shard_dir, arch):
     import yaml
 
-    from gradprobe_dist.checkpoint import load_masks
+    from gradprobe_dist.checkpoint.store import load_masks
     from gradprobe_dist.cli import main
 
     config = tmp_path / "run.yaml"

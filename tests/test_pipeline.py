@@ -13,14 +13,14 @@ import torch
 import yaml
 
 from gradprobe_dist import GradProbe, MagnitudePruning
-from gradprobe_dist import pipeline as pipeline_module
-from gradprobe_dist.checkpoint import MaskCheckpoint, load_masks
-from gradprobe_dist.config import load_config
+from gradprobe_dist.pipeline import job as pipeline_module
+from gradprobe_dist.checkpoint.store import MaskCheckpoint, load_masks
+from gradprobe_dist.pipeline.config import load_config
 from gradprobe_dist.data.loader import calibration_batches
 from gradprobe_dist.data.shards import bundled_text_path, write_tensor_shards, write_text_shards
-from gradprobe_dist.distributed.env import DistEnv
+from gradprobe_dist.runtime.env import DistEnv
 from gradprobe_dist.models import TinyGPT, TinyGPTConfig
-from gradprobe_dist.pipeline import PruneJob, plan_stages
+from gradprobe_dist.pipeline.job import PruneJob, plan_stages
 
 TINY_GPT = {"vocab_size": 256, "block_size": 16, "n_layer": 3, "n_head": 2, "n_embd": 16}
 STAGE_LAYERS = [[f"blocks.{b}.{m}.weight" for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")]

@@ -20,13 +20,13 @@ import pytest
 import torch
 
 from gradprobe_dist import cli
-from gradprobe_dist.checkpoint import MaskCheckpoint, load_masks
-from gradprobe_dist.config import load_config
+from gradprobe_dist.checkpoint.store import MaskCheckpoint, load_masks
+from gradprobe_dist.pipeline.config import load_config
 from gradprobe_dist.data.loader import calibration_batches, global_reference_batches
-from gradprobe_dist.distributed.env import DistEnv
-from gradprobe_dist.iterative import iterative_prune
-from gradprobe_dist.pipeline import PruneJob, build_configured_model
-from gradprobe_dist.probe import GradProbe
+from gradprobe_dist.runtime.env import DistEnv
+from gradprobe_dist.pipeline.rounds import iterative_prune
+from gradprobe_dist.pipeline.job import PruneJob, build_configured_model
+from gradprobe_dist.probe.gradprobe import GradProbe
 from gradprobe_dist.strategies import MagnitudePruning
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -8,9 +8,9 @@ import torch.nn as nn
 from PIL import Image
 
 from gradprobe_dist import GradProbe, MagnitudePruning, SimpleMLP
-from gradprobe_dist.checkpoint import MaskCheckpoint, model_fingerprint
-from gradprobe_dist.iterative import iterative_prune
-from gradprobe_dist.plots import (RATIO_KEY, draw_ratio_histograms, plot_checkpoint, ratio_tensors,
+from gradprobe_dist.checkpoint.store import MaskCheckpoint, model_fingerprint
+from gradprobe_dist.pipeline.rounds import iterative_prune
+from gradprobe_dist.pipeline.plots import (RATIO_KEY, draw_ratio_histograms, plot_checkpoint, ratio_tensors,
                                   threshold_curve)
 
 LOSS = nn.CrossEntropyLoss()

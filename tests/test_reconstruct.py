@@ -1,8 +1,8 @@
-"""SparseGPT math (gradprobe_dist.reconstruct), on CPU without any process group."""
+"""SparseGPT math (gradprobe_dist.reconstruct.obs), on CPU without any process group."""
 import pytest
 import torch
 
-from gradprobe_dist.reconstruct import accumulate_hessian, reconstruct_with_mask, sparsegpt_prune
+from gradprobe_dist.reconstruct.obs import accumulate_hessian, reconstruct_with_mask, sparsegpt_prune
 
 IN, OUT, TOKENS = 200, 24, 1500
 

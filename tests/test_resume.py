@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gradprobe_dist import checkpoint as checkpoint_module
+from gradprobe_dist.checkpoint import store as checkpoint_module
 from gradprobe_dist import cli
-from gradprobe_dist.checkpoint import MaskCheckpoint, load_masks
+from gradprobe_dist.checkpoint.store import MaskCheckpoint, load_masks
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cli_helpers import (REPO, TWO_RANK_TIMEOUT, launch_env, run_json, run_two_ranks,  # noqa: E402,F401

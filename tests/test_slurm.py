@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from multiproc import free_port  # noqa: E402
 from slurm_cluster import SlurmCluster, missing_requirements, wait_until  # noqa: E402
 
-from gradprobe_dist.checkpoint import load_masks, read_manifest  # noqa: E402
+from gradprobe_dist.checkpoint.store import load_masks, read_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS_PER_BLOCK = 4  # TinyGPT: attn.qkv, attn.proj, mlp.fc, mlp.proj

@@ -24,7 +24,7 @@ import torch
 import webdataset as wds
 
 from gradprobe_dist.data.shards import FIELDS, METADATA_FILE, check_positive
-from gradprobe_dist.log import get_logger
+from gradprobe_dist.runtime.log import get_logger
 
 Batch = dict[str, torch.Tensor] | tuple[torch.Tensor, ...]
 ShardSource = str | Path | Sequence[str | Path]

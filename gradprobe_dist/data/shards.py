@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from gradprobe_dist.log import get_logger
+from gradprobe_dist.runtime.log import get_logger
 
 METADATA_FILE = "metadata.json"
 BYTE_VOCAB_SIZE = 256

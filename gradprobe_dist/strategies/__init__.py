@@ -1,8 +1,8 @@
 """Tentative-selection strategies and a name -> class registry for configs."""
-from .base import PruningStrategy, SelectionContext
-from .magnitude import MagnitudePruning
-from .random import RandomPruning
-from .wanda import WandaPruning
+from gradprobe_dist.strategies.base import PruningStrategy, SelectionContext
+from gradprobe_dist.strategies.magnitude import MagnitudePruning
+from gradprobe_dist.strategies.random import RandomPruning
+from gradprobe_dist.strategies.wanda import WandaPruning
 
 STRATEGIES: dict[str, type[PruningStrategy]] = {
     "magnitude": MagnitudePruning,

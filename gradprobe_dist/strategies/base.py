@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..backends.base import Backend, LocalSlice
+from gradprobe_dist.parallel.base import Backend, LocalSlice
 
 
 @dataclass
@@ -46,8 +46,8 @@ class SelectionContext:
     @classmethod
     def for_model(cls, model: nn.Module, names: list[str] | None = None) -> "SelectionContext":
         """A single-process context (used when a strategy is called directly on a model)."""
-        from ..backends.local import LocalBackend
-        from ..params import find_prunable
+        from gradprobe_dist.parallel.local import LocalBackend
+        from gradprobe_dist.probe.params import find_prunable
 
         owners = find_prunable(model)
         names = names or list(owners)
@@ -145,7 +145,7 @@ def count_to_select(numel: int, sparsity: float) -> int:
 
 def transposed_names(owners: dict[str, nn.Module]) -> frozenset[str]:
     """Names of weights whose owner stores them as [in, out]."""
-    from ..params import stores_transposed
+    from gradprobe_dist.probe.params import stores_transposed
 
     return frozenset(n for n, m in owners.items() if stores_transposed(m))
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..decision import lowest_in_groups
-from .base import PruningStrategy, SelectionContext, check_nm_shape, count_to_select, parse_pattern
+from gradprobe_dist.probe.decision import lowest_in_groups
+from gradprobe_dist.strategies.base import PruningStrategy, SelectionContext, check_nm_shape, count_to_select, parse_pattern
 
 SCOPES = ("layer", "global")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import PruningStrategy, SelectionContext, count_to_select, local_part
+from gradprobe_dist.strategies.base import PruningStrategy, SelectionContext, count_to_select, local_part
 
 
 class RandomPruning(PruningStrategy):

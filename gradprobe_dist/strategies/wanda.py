@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..backends.base import LocalSlice
-from ..decision import lowest_in_groups
-from .base import PruningStrategy, SelectionContext, check_nm_shape, count_to_select, parse_pattern
+from gradprobe_dist.parallel.base import LocalSlice
+from gradprobe_dist.probe.decision import lowest_in_groups
+from gradprobe_dist.strategies.base import PruningStrategy, SelectionContext, check_nm_shape, count_to_select, parse_pattern
 
 
 def input_norms(input_sq_norm: torch.Tensor, full_shape: torch.Size, transposed: bool) -> torch.Tensor:

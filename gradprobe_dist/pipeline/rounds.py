@@ -34,16 +34,16 @@ import torch.nn as nn
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from .backends.base import Backend
-from .batches import LossOfBatch, take_batches
-from .checkpoint import (CheckpointMismatchError, MaskCheckpoint, atomic_write,
+from gradprobe_dist.parallel.base import Backend
+from gradprobe_dist.probe.batches import LossOfBatch, take_batches
+from gradprobe_dist.checkpoint.store import (CheckpointMismatchError, MaskCheckpoint, atomic_write,
                          model_fingerprint)
-from .decision import ProbeRecord, prune_decision
-from .log import get_logger
-from .plots import CARRIED_KEY, RATIO_KEY, ratio_tensors
-from .probe import GradProbe, check_mode
-from .strategies.base import count_to_select
-from .validation import check_prune_args
+from gradprobe_dist.probe.decision import ProbeRecord, prune_decision
+from gradprobe_dist.runtime.log import get_logger
+from gradprobe_dist.pipeline.plots import CARRIED_KEY, RATIO_KEY, ratio_tensors
+from gradprobe_dist.probe.gradprobe import GradProbe, check_mode
+from gradprobe_dist.strategies.base import count_to_select
+from gradprobe_dist.probe.validation import check_prune_args
 
 log = get_logger(__name__)
 
@@ -233,7 +233,7 @@ class RoundCheckpoint:
     A round's manifest holds every mask so far; per layer, ``tentative`` counts the alive
     candidates the round decided about, ``restored`` those it kept, ``carried`` the weights
     pruned in earlier rounds (``pruned = carried + tentative - restored``), and the saved
-    ``ratio`` tensor the candidates' gradient ratios (for ``gradprobe_dist.plots``).
+    ``ratio`` tensor the candidates' gradient ratios (for ``gradprobe_dist.pipeline.plots``).
     """
 
     def __init__(self, directory: str | Path, probe: GradProbe, settings: dict):

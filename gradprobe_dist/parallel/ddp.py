@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..log import get_logger
-from .local import LocalBackend
-from .base import freeze_all_but
-from .collectives import (DistributedCollectives, broadcast_tensor, check_param_names, comm_device,
+from gradprobe_dist.runtime.log import get_logger
+from gradprobe_dist.parallel.local import LocalBackend
+from gradprobe_dist.parallel.base import freeze_all_but
+from gradprobe_dist.parallel.collectives import (DistributedCollectives, broadcast_tensor, check_param_names, comm_device,
                           require_process_group)
 
 log = get_logger(__name__)

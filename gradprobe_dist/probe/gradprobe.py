@@ -9,7 +9,7 @@
    otherwise restored bit-exactly from the saved original. Unselected weights never change.
 
 The algorithm is written once; where gradients and weights live (one process, DDP, FSDP2,
-ZeRO-3) is the backend's business (``gradprobe_dist.backends``).
+ZeRO-3) is the backend's business (``gradprobe_dist.parallel``).
 """
 from __future__ import annotations
 
@@ -19,19 +19,19 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import statistics
-from .activations import collect_input_sq_norms
-from .allocation import Allocation, allocate, owl_scores, redundancy_scores
-from .backends.base import Backend
-from .backends.local import LocalBackend
-from .batches import LossOfBatch, make_loss_of_batch, take_batches, to_device
-from .compensation import average_over_ranks, collect_input_hessians, compensate
-from .decision import LayerProbe, ProbeRecord, check_nm, lowest_in_groups
-from .log import get_logger
-from .masking import MaskHooks, keep_pruned
-from .params import find_prunable
-from .strategies.base import PruningStrategy, SelectionContext, count_to_select, transposed_names
-from .validation import check_prune_args, check_threshold
+from gradprobe_dist.probe import stats as statistics
+from gradprobe_dist.strategies.activations import collect_input_sq_norms
+from gradprobe_dist.strategies.allocation import Allocation, allocate, owl_scores, redundancy_scores
+from gradprobe_dist.parallel.base import Backend
+from gradprobe_dist.parallel.local import LocalBackend
+from gradprobe_dist.probe.batches import LossOfBatch, make_loss_of_batch, take_batches, to_device
+from gradprobe_dist.reconstruct.apply import average_over_ranks, collect_input_hessians, compensate
+from gradprobe_dist.probe.decision import LayerProbe, ProbeRecord, check_nm, lowest_in_groups
+from gradprobe_dist.runtime.log import get_logger
+from gradprobe_dist.masking import MaskHooks, keep_pruned
+from gradprobe_dist.probe.params import find_prunable
+from gradprobe_dist.strategies.base import PruningStrategy, SelectionContext, count_to_select, transposed_names
+from gradprobe_dist.probe.validation import check_prune_args, check_threshold
 
 log = get_logger(__name__)
 
@@ -43,7 +43,7 @@ class GradProbe:
     ``statistic``: ``"max_abs"`` (default, as the original), ``"mean_abs"`` or ``"rms"``.
     ``stat_dtype``/``stat_device``: precision and placement of the statistic (e.g.
     ``torch.bfloat16`` or ``"cpu"`` to save accelerator memory). ``include``/``exclude``:
-    fnmatch patterns choosing prunable parameters (see ``gradprobe_dist.params``).
+    fnmatch patterns choosing prunable parameters (see ``gradprobe_dist.probe.params``).
     """
 
     def __init__(self, model: nn.Module, strategy: PruningStrategy, device=None, *,
@@ -89,11 +89,11 @@ class GradProbe:
         the ``sparsity`` fraction with the lowest gradient ratio new/old, per layer
         (``target_scope="layer"``), over all layers (``"global"``), or N of every M with an
         N:M strategy; ``self.equivalent_threshold`` then says which threshold that was.
-        ``allocation`` spreads ``sparsity`` unevenly over layers (``gradprobe_dist.allocation``:
+        ``allocation`` spreads ``sparsity`` unevenly over layers (``gradprobe_dist.strategies.allocation``:
         ``owl`` from activation outliers, ``gradient`` from the probe's own redundancy
         measurements, the latter in target mode only); ``self.layer_sparsity`` records it.
         ``reconstruct=True`` then updates the kept weights of every Linear layer with
-        SparseGPT's OBS update, the mask held fixed (``gradprobe_dist.compensation``).
+        SparseGPT's OBS update, the mask held fixed (``gradprobe_dist.reconstruct.apply``).
         Masks have the local shape of each weight (the full shape unless the backend shards).
         ``compute_loss(model, batch) -> loss`` replaces the default batch handling.
         """

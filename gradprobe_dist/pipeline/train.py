@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .data.loader import calibration_batches, read_shard_set
-from .log import get_logger
+from gradprobe_dist.data.loader import calibration_batches, read_shard_set
+from gradprobe_dist.runtime.log import get_logger
 
 log = get_logger(__name__)
 

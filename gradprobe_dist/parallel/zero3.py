@@ -23,9 +23,9 @@ import torch.nn as nn
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import safe_get_local_grad, safe_set_local_fp32_param
 
-from ..log import get_logger
-from .base import Backend, LocalSlice
-from .collectives import DistributedCollectives, gather_flat, require_process_group, scatter_flat
+from gradprobe_dist.runtime.log import get_logger
+from gradprobe_dist.parallel.base import Backend, LocalSlice
+from gradprobe_dist.parallel.collectives import DistributedCollectives, gather_flat, require_process_group, scatter_flat
 
 log = get_logger(__name__)
 

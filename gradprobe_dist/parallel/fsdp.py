@@ -23,10 +23,10 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from ..log import get_logger
-from .base import LocalSlice, freeze_all_but
-from .local import LocalBackend
-from .collectives import (DistributedCollectives, check_param_names, comm_device, gather_rows,
+from gradprobe_dist.runtime.log import get_logger
+from gradprobe_dist.parallel.base import LocalSlice, freeze_all_but
+from gradprobe_dist.parallel.local import LocalBackend
+from gradprobe_dist.parallel.collectives import (DistributedCollectives, check_param_names, comm_device, gather_rows,
                           require_process_group, scatter_rows)
 
 log = get_logger(__name__)

@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from gradprobe_dist.log import get_logger
+from gradprobe_dist.runtime.log import get_logger
 
 log = get_logger(__name__)
 

@@ -6,8 +6,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .backends.base import Backend
-from .batches import to_device
+from gradprobe_dist.parallel.base import Backend
+from gradprobe_dist.probe.batches import to_device
 
 
 @torch.no_grad()

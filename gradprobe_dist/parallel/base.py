@@ -139,18 +139,18 @@ class Backend(ABC):
     def select_smallest(self, scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         """Exactly ``k`` smallest over all tensors and ranks (see ``distributed.select``);
         replicated backends select locally, since every rank holds the same tensors."""
-        from ..distributed import select
+        from gradprobe_dist.parallel import select
 
         return select.select_smallest(scores, k, group=self._selection_group())
 
     def select_smallest_each(self, scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
         """Per tensor i, exactly ``ks[i]`` smallest over that tensor's shards."""
-        from ..distributed import select
+        from gradprobe_dist.parallel import select
 
         return select.select_smallest_each(scores, ks, group=self._selection_group())
 
     def _selection_group(self):
-        from ..distributed import select
+        from gradprobe_dist.parallel import select
 
         return select.LOCAL if self.replicated else None
 

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .strategies.base import count_to_select
+from gradprobe_dist.strategies.base import count_to_select
 
 
 def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> int:

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig
-from .models import SimpleMLP, TinyGPT, TinyGPTConfig
+from gradprobe_dist.pipeline.config import ModelConfig
+from gradprobe_dist.models import SimpleMLP, TinyGPT, TinyGPTConfig
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import MaskCheckpoint
-from .decision import ProbeRecord
-from .log import get_logger
-from .validation import check_threshold
+from gradprobe_dist.checkpoint.store import MaskCheckpoint
+from gradprobe_dist.probe.decision import ProbeRecord
+from gradprobe_dist.runtime.log import get_logger
+from gradprobe_dist.probe.validation import check_threshold
 
 log = get_logger(__name__)
 

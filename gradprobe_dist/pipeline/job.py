@@ -36,19 +36,19 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .backends import Backend, build_backend
-from .checkpoint import MaskCheckpoint, model_fingerprint
-from .config import RunConfig
-from .data.loader import calibration_batches
-from .distributed.env import DistEnv
-from .evaluate import evaluate
-from .factory import build_model
-from .iterative import layer_counts, round_masks, schedule_values, tentative_fraction
-from .log import get_logger
-from .params import find_prunable
-from .plots import CARRIED_KEY, RATIO_KEY, ratio_tensors
-from .probe import GradProbe
-from .strategies import build_strategy
+from gradprobe_dist.parallel import Backend, build_backend
+from gradprobe_dist.checkpoint.store import MaskCheckpoint, model_fingerprint
+from gradprobe_dist.pipeline.config import RunConfig
+from gradprobe_dist.data.loader import calibration_batches
+from gradprobe_dist.runtime.env import DistEnv
+from gradprobe_dist.pipeline.evaluate import evaluate
+from gradprobe_dist.pipeline.build import build_model
+from gradprobe_dist.pipeline.rounds import layer_counts, round_masks, schedule_values, tentative_fraction
+from gradprobe_dist.runtime.log import get_logger
+from gradprobe_dist.probe.params import find_prunable
+from gradprobe_dist.pipeline.plots import CARRIED_KEY, RATIO_KEY, ratio_tensors
+from gradprobe_dist.probe.gradprobe import GradProbe
+from gradprobe_dist.strategies import build_strategy
 
 log = get_logger(__name__)
 

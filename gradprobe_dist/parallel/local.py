@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import Backend, LocalSlice, freeze_all_but, restore_requires_grad
+from gradprobe_dist.parallel.base import Backend, LocalSlice, freeze_all_but, restore_requires_grad
 
 
 class LocalBackend(Backend):

@@ -14,9 +14,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .backends.base import Backend
-from .decision import ProbeRecord
-from .reconstruct import accumulate_hessian, reconstruct_with_mask
+from gradprobe_dist.parallel.base import Backend
+from gradprobe_dist.probe.decision import ProbeRecord
+from gradprobe_dist.reconstruct.obs import accumulate_hessian, reconstruct_with_mask
 
 
 @contextmanager

@@ -13,16 +13,16 @@ import json
 import math
 from pathlib import Path
 
-from .checkpoint import MaskCheckpoint, apply_masks, load_masks
-from .config import RunConfig, dump_config, load_config
-from .distributed.env import init_distributed
-from .log import get_logger, is_main_process
+from gradprobe_dist.checkpoint.store import MaskCheckpoint, apply_masks, load_masks
+from gradprobe_dist.pipeline.config import RunConfig, dump_config, load_config
+from gradprobe_dist.runtime.env import init_distributed
+from gradprobe_dist.runtime.log import get_logger, is_main_process
 
 log = get_logger(__name__)
 
 
 def _job(args: argparse.Namespace):
-    from .pipeline import PruneJob
+    from gradprobe_dist.pipeline.job import PruneJob
 
     cfg = load_config(args.config, args.overrides)
     env = init_distributed(device=None if cfg.device == "auto" else cfg.device)
@@ -84,7 +84,7 @@ def validate(args):
         for i, stage in enumerate(stages):
             _say(args, f"# stage {i + 1}/{len(stages)}: {len(stage)} layers ({stage[0]} ... {stage[-1]})")
     if cfg.prune.rounds > 1:
-        from .iterative import schedule_values
+        from gradprobe_dist.pipeline.rounds import schedule_values
 
         values = schedule_values(cfg.prune.sparsity, cfg.prune.rounds, cfg.prune.schedule)
         _say(args, f"# {cfg.prune.rounds} rounds ({cfg.prune.schedule}), sparsity after each: "
@@ -100,9 +100,9 @@ def plan_stages_of(cfg: RunConfig) -> list[list[str]] | None:
         return None
     import torch
 
-    from .factory import build_model
-    from .params import find_prunable
-    from .pipeline import plan_stages
+    from gradprobe_dist.pipeline.build import build_model
+    from gradprobe_dist.probe.params import find_prunable
+    from gradprobe_dist.pipeline.job import plan_stages
 
     with torch.device("meta"):
         model = build_model(dataclasses.replace(cfg.model, path=None))
@@ -111,7 +111,7 @@ def plan_stages_of(cfg: RunConfig) -> list[list[str]] | None:
 
 
 def make_shards(args):
-    from .data.shards import bundled_text_path, write_tensor_shards, write_text_shards
+    from gradprobe_dist.data.shards import bundled_text_path, write_tensor_shards, write_text_shards
 
     if not is_main_process():
         return None
@@ -133,8 +133,8 @@ def train(args):
     """Train on rank 0 (the demo's model is small); other ranks have nothing to do."""
     import torch
 
-    from .factory import build_model, save_weights
-    from .train import train_model
+    from gradprobe_dist.pipeline.build import build_model, save_weights
+    from gradprobe_dist.pipeline.train import train_model
 
     cfg = load_config(args.config, args.overrides)
     if not is_main_process():
@@ -172,9 +172,9 @@ def eval(args):  # noqa: A001 - the subcommand's name
 
 def export(args):
     """Apply a mask checkpoint to the configured model on rank 0 and save it."""
-    from .factory import save_weights
-    from .masking import to_torch_prune
-    from .pipeline import build_configured_model
+    from gradprobe_dist.pipeline.build import save_weights
+    from gradprobe_dist.masking import to_torch_prune
+    from gradprobe_dist.pipeline.job import build_configured_model
 
     cfg = load_config(args.config, args.overrides)
     if not is_main_process():
@@ -218,7 +218,7 @@ def metrics_text(metrics: dict) -> str:
 
 
 def plot(args):
-    from .plots import plot_checkpoint
+    from gradprobe_dist.pipeline.plots import plot_checkpoint
 
     if not args.max_threshold > 0:
         raise ValueError(f"--max-threshold={args.max_threshold} must be > 0, e.g. 0.5")

@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
-from .allocation import Allocation
-from .statistics import STATISTICS
-from .validation import check_prune_args, check_threshold
+from gradprobe_dist.strategies.allocation import Allocation
+from gradprobe_dist.probe.stats import STATISTICS
+from gradprobe_dist.probe.validation import check_prune_args, check_threshold
 
 PARALLEL_MODES = ("none", "ddp", "fsdp", "zero3")
 MODEL_KINDS = ("tinygpt", "mlp", "hf")
@@ -52,7 +52,7 @@ class ModelConfig:
 
 def _check_model_options(kind: str, options: dict[str, Any]) -> None:
     """Built-in models: the options must build the model (checked without building it)."""
-    from .models import SimpleMLP, TinyGPTConfig
+    from gradprobe_dist.models import SimpleMLP, TinyGPTConfig
 
     try:
         if kind == "tinygpt":
@@ -114,7 +114,7 @@ class PruneConfig:
     schedule: Literal["cubic", "linear"] = "cubic"
 
     def __post_init__(self):
-        from .strategies import STRATEGIES, build_strategy
+        from gradprobe_dist.strategies import STRATEGIES, build_strategy
 
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"prune.strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .params import stores_transposed
+from gradprobe_dist.probe.params import stores_transposed
 
 
 def _feature_sq_sum(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

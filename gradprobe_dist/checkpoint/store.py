@@ -34,7 +34,7 @@ import torch.nn as nn
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from gradprobe_dist.log import get_logger
+from gradprobe_dist.runtime.log import get_logger
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -237,7 +237,7 @@ class MaskCheckpoint:
         if not all(isinstance(info, dict) and "shape" in info for info in fingerprint.values()):
             raise TypeError(
                 "model_fingerprint must map parameter names to {'shape': [...], 'dtype': ...}; "
-                "build it with gradprobe_dist.checkpoint.model_fingerprint(model)"
+                "build it with gradprobe_dist.checkpoint.store.model_fingerprint(model)"
             )
         config = _json_normalised(dict(config), "config")
         _remove_temp_files(directory)

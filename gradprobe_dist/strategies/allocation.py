@@ -66,7 +66,7 @@ def owl_scores(weights: dict[str, torch.Tensor], slices: dict, input_sq_norms: d
     """Minus each layer's outlier ratio of Wanda scores (fewer outliers -> more prunable):
     the share of scores above ``outlier_factor`` x the layer mean; sums run over every
     rank's shard so each rank gets the same numbers."""
-    from .strategies.wanda import wanda_scores
+    from gradprobe_dist.strategies.wanda import wanda_scores
 
     scores = {n: wanda_scores(w, input_sq_norms[n], slices[n], n in transposed).reshape(-1)
               for n, w in weights.items()}
