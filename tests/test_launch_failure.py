@@ -19,6 +19,7 @@ LIMIT_S = 120
 CONFIG = """\
 model:
   kind: tinygpt
+  random_init: true
   options: {{vocab_size: 256, block_size: 16, n_layer: 2, n_head: 2, n_embd: 32}}
 data:
   shards: {shards}

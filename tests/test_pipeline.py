@@ -43,7 +43,7 @@ def write_config(path: Path, shards: dict[str, str], *, output_dir: Path, **sect
     """A tiny TinyGPT run config (3 blocks, one block per stage); ``sections`` update the
     top-level keys, e.g. ``prune={"sparsity": 0.6}`` or ``parallel="fsdp"``."""
     config = {
-        "model": {"kind": "tinygpt", "options": dict(TINY_GPT)},
+        "model": {"kind": "tinygpt", "options": dict(TINY_GPT), "random_init": True},
         "data": {"shards": shards["calib"], "micro_batch_size": 2, "eval_shards": shards["valid"],
                  "eval_batches": 8},
         "prune": {"strategy": "magnitude", "sparsity": 0.5, "num_batches": 4, "stage_size": 1,

@@ -59,7 +59,7 @@ SELECTED = torch.tensor([True] * 6 + [False])
 def test_closed_form_decisions(tau, expected):
     model = Diagonal(W)
     x, t = torch.tensor([X]), torch.tensor([T])
-    probe = GradProbe(model, Fixed({"weight": SELECTED}), include=["weight"])
+    probe = GradProbe(model, Fixed({"weight": SELECTED}), extra_prunable=["weight"])
     masks = probe.prune([(x, t)], half_sq, sparsity=0.5, num_batches=1, gradient_threshold=tau)
     formula = closed_form_pruned(torch.tensor(W), torch.tensor(X), torch.tensor(T), 0.1, tau)
     assert masks["weight"][:6].tolist() == expected == formula[:6].tolist()

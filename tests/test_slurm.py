@@ -27,7 +27,7 @@ N_LAYER = 6
 # One block per stage and enough batches that a stage takes ~1-2 s on 2 CPU ranks: the
 # preemption lands after stage 0 and well before the last stage.
 TINY_RUN = {
-    "model": {"kind": "tinygpt",
+    "model": {"kind": "tinygpt", "random_init": True,
               "options": {"vocab_size": 256, "block_size": 32, "n_layer": N_LAYER, "n_head": 2, "n_embd": 32}},
     "data": {"micro_batch_size": 4},
     "prune": {"strategy": "magnitude", "sparsity": 0.5, "num_batches": 48, "stage_size": 1},

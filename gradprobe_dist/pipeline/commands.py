@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from gradprobe_dist.checkpoint.store import MaskCheckpoint, apply_masks, load_masks
-from gradprobe_dist.pipeline.config import RunConfig, dump_config, load_config
+from gradprobe_dist.pipeline.config import ConfigError, RunConfig, dump_config, load_config
 from gradprobe_dist.runtime.env import init_distributed
 from gradprobe_dist.runtime.log import get_logger, is_main_process
 
@@ -24,9 +24,21 @@ log = get_logger(__name__)
 def _job(args: argparse.Namespace):
     from gradprobe_dist.pipeline.job import PruneJob
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config_with_weights(args)
     env = init_distributed(device=None if cfg.device == "auto" else cfg.device)
     return PruneJob(cfg, env, show_progress=not args.quiet), cfg, env
+
+
+def _config_with_weights(args: argparse.Namespace) -> RunConfig:
+    """The config of a command that works on the model's weights (prune, sweep, eval,
+    export): an unset model.path would silently give it a random model."""
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.kind != "hf" and not cfg.model.path and not cfg.model.random_init:
+        raise ConfigError(f"model.path is not set, so `{args.command}` would work on a randomly "
+                          f"initialised {cfg.model.kind} model: set model.path to its weights (e.g. "
+                          "from `gradprobe train --out PATH`), or model.random_init=true if a "
+                          "random model is what you want (tests, smoke runs)")
+    return cfg
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -106,7 +118,7 @@ def plan_stages_of(cfg: RunConfig) -> list[list[str]] | None:
 
     with torch.device("meta"):
         model = build_model(dataclasses.replace(cfg.model, path=None))
-    names = list(find_prunable(model, cfg.model.include, cfg.model.exclude))
+    names = list(find_prunable(model, cfg.model.include, cfg.model.exclude, cfg.model.extra_prunable))
     return plan_stages(model, names, cfg.prune.stage_size, cfg.prune.stages)
 
 
@@ -176,7 +188,7 @@ def export(args):
     from gradprobe_dist.masking import to_torch_prune
     from gradprobe_dist.pipeline.job import build_configured_model
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config_with_weights(args)
     if not is_main_process():
         return None
     model = build_configured_model(cfg)

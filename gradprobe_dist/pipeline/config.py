@@ -38,9 +38,16 @@ class ModelConfig:
     path: str | None = None
     #: constructor options of the built-in model (TinyGPTConfig fields, or SimpleMLP args)
     options: dict[str, Any] = field(default_factory=dict)
-    #: fnmatch patterns choosing prunable parameters (default: Linear/Conv weights, no head)
+    #: fnmatch patterns narrowing the prunable parameters, which are Linear/Conv weights
+    #: (no embedding, no output head): include keeps the matches, exclude drops them
     include: list[str] | None = None
     exclude: list[str] | None = None
+    #: fnmatch patterns of other parameters to prune too (biases, norm weights): explicit,
+    #: since pruning them is rarely intended
+    extra_prunable: list[str] | None = None
+    #: let prune/sweep/eval/export use a randomly initialised built-in model (from ``seed``)
+    #: when model.path is unset (tests, smoke runs); without it an unset path is an error
+    random_init: bool = False
 
     def __post_init__(self):
         if self.kind not in MODEL_KINDS:
@@ -200,8 +207,17 @@ class RunConfig:
         fields["prune.allocation"] = dataclasses.asdict(p.allocation)
         if p.rounds > 1:
             fields.update({"prune.rounds": p.rounds, "prune.schedule": p.schedule})
-        return {"model": dataclasses.asdict(self.model), **fields, "data.shards": self.data.shards,
+        return {"model": self._model_fields(), **fields, "data.shards": self.data.shards,
                 "data.micro_batch_size": self.data.micro_batch_size, "seed": self.seed}
+
+    def _model_fields(self) -> dict[str, Any]:
+        """``model.*`` as the masks see it: random_init is implied by an empty path, and an
+        unset extra_prunable is left out so that checkpoints made before it existed resume."""
+        fields = dataclasses.asdict(self.model)
+        del fields["random_init"]
+        if not fields["extra_prunable"]:
+            del fields["extra_prunable"]
+        return fields
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.mask_fields(), sort_keys=True).encode()).hexdigest()

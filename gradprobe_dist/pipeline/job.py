@@ -182,7 +182,8 @@ class PruneJob:
         self.cfg, self.env = cfg, env
         self.show_progress = show_progress and env.is_main
         self.model = build_configured_model(cfg)
-        self.names = list(find_prunable(self.model, cfg.model.include, cfg.model.exclude))
+        self.names = list(find_prunable(self.model, cfg.model.include, cfg.model.exclude,
+                                        cfg.model.extra_prunable))
         self.stages = plan_stages(self.model, self.names, cfg.prune.stage_size, cfg.prune.stages)
         self.backend: Backend = build_backend(parallel, env.device, fsdp_units=cfg.fsdp_units,
                                               micro_batch_size=cfg.data.micro_batch_size)
@@ -318,7 +319,7 @@ class PruneJob:
                 else:
                     final = self._run_rounds(restart, strategy, result, bar)
         result.sparsity = GradProbe(self.model, strategy, backend=self.backend,
-                                    include=self.names).get_sparsity()
+                                    include=self.names, extra_prunable=self.names).get_sparsity()
         result.rows = self.backend.broadcast_object(self.on_main(lambda: final.summary_rows()))
         result.seconds = time.perf_counter() - start
         return result
@@ -398,7 +399,8 @@ class PruneJob:
         stage_start = time.perf_counter()
         before = self.read_local_masks(round_.previous, stage) if round_.number > 1 else {}
         probe = GradProbe(self.model, strategy, backend=self.backend, statistic=cfg.statistic,
-                          stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=stage)
+                          stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=stage,
+                          extra_prunable=stage)
         record = probe.probe(self.calibration, loss_fn_for(self.calibration), round_.sparsity,
                              cfg.num_batches, cfg.reduction_factor, verbose=bars,
                              oversample=round_.oversample,
@@ -473,7 +475,8 @@ class PruneJob:
         cfg = self.cfg.prune
         strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
         probe = GradProbe(self.model, strategy, backend=self.backend, statistic=cfg.statistic,
-                          stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=self.names)
+                          stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=self.names,
+                          extra_prunable=self.names)
         return probe.sweep_gradient_thresholds(
             self.calibration, loss_fn_for(self.calibration), lambda model: self.evaluate(),
             sparsity=cfg.sparsity, thresholds=cfg.thresholds, num_batches=cfg.num_batches,

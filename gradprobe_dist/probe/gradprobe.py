@@ -43,13 +43,15 @@ class GradProbe:
     ``statistic``: ``"max_abs"`` (default, as the original), ``"mean_abs"`` or ``"rms"``.
     ``stat_dtype``/``stat_device``: precision and placement of the statistic (e.g.
     ``torch.bfloat16`` or ``"cpu"`` to save accelerator memory). ``include``/``exclude``:
-    fnmatch patterns choosing prunable parameters (see ``gradprobe_dist.probe.params``).
+    fnmatch patterns narrowing the prunable parameters; ``extra_prunable``: patterns of other
+    parameters to prune as well (see ``gradprobe_dist.probe.params``).
     """
 
     def __init__(self, model: nn.Module, strategy: PruningStrategy, device=None, *,
                  backend: Backend | None = None, statistic: str = "max_abs",
                  stat_dtype: torch.dtype = torch.float32, stat_device=None,
-                 include: list[str] | None = None, exclude: list[str] | None = None):
+                 include: list[str] | None = None, exclude: list[str] | None = None,
+                 extra_prunable: list[str] | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(strategy, PruningStrategy):
@@ -65,7 +67,7 @@ class GradProbe:
         self.statistic = statistic
         self.stat_dtype = stat_dtype
         self.stat_device = torch.device(stat_device) if stat_device is not None else None
-        self.owners = find_prunable(model, include, exclude)
+        self.owners = find_prunable(model, include, exclude, extra_prunable)
         self.param_names = list(self.owners)
         self.masks: dict[str, torch.Tensor] = {}
         #: target mode: the gradient_threshold whose threshold-mode decision it matched at worst
@@ -425,7 +427,7 @@ class GradProbe:
         ignored = sorted(set(masks) - set(self.param_names))
         if ignored:
             log.info("ignoring masks for %d non-prunable parameters (e.g. %s); choose prunable "
-                     "parameters with include=[...]", len(ignored), ignored[0])
+                     "parameters with extra_prunable=[...]", len(ignored), ignored[0])
         checked = {}
         for name in self.param_names:
             w = self.backend.local_weight(name)

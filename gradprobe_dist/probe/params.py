@@ -4,7 +4,10 @@ including the transposed linear layer of GPT-2 (``transformers.pytorch_utils.Con
 Biases and norm parameters are never pruned by default; embeddings and an output head
 (tied to an embedding, returned by ``get_output_embeddings()``, or named ``lm_head``) are
 excluded, as Wanda and SparseGPT do. ``include``/``exclude`` take fnmatch patterns on
-parameter names: ``include`` replaces the default candidates, ``exclude`` removes names.
+parameter names and only narrow the candidates: ``include`` keeps those it matches,
+``exclude`` removes names. Anything else (a bias, a norm weight, a plain ``nn.Parameter``)
+becomes prunable only when named in ``extra_prunable``: pruning those is rarely intended
+(``include=["blocks.*"]`` must not prune every LayerNorm and bias inside the blocks).
 """
 from __future__ import annotations
 
@@ -31,29 +34,36 @@ def stores_transposed(module: nn.Module) -> bool:
 
 
 def find_prunable(model: nn.Module, include: list[str] | None = None,
-                  exclude: list[str] | None = None) -> dict[str, nn.Module]:
-    """Map each prunable parameter name to the module that owns it, in model order."""
+                  exclude: list[str] | None = None,
+                  extra_prunable: list[str] | None = None) -> dict[str, nn.Module]:
+    """Map each prunable parameter name to the module that owns it, in model order:
+    the default candidates plus ``extra_prunable`` matches, kept where ``include`` matches
+    (when given), minus ``exclude`` matches."""
     owners = {}
     for module_name, module in model.named_modules():
         for pname, _ in module.named_parameters(recurse=False):
             owners[f"{module_name}.{pname}" if module_name else pname] = module
     names = [n for n, _ in model.named_parameters()]  # de-duplicates tied parameters
+    heads = _output_heads(model)
+    types = PRUNABLE_TYPES + transposed_linear_types()
+    default = {n for n in names if n.endswith("weight") and isinstance(owners[n], types)
+               and id(owners[n]) not in heads and not _matches(n, DEFAULT_EXCLUDE)}
+    chosen = [n for n in names if n in default or _matches(n, extra_prunable or ())]
     if include:
-        chosen = [n for n in names if any(fnmatch(n, pat) for pat in include)]
-    else:
-        heads = _output_heads(model)
-        types = PRUNABLE_TYPES + transposed_linear_types()
-        chosen = [n for n in names if n.endswith("weight") and isinstance(owners[n], types)
-                  and id(owners[n]) not in heads]
-    patterns = list(DEFAULT_EXCLUDE) + list(exclude or [])
-    chosen = [n for n in chosen if not any(fnmatch(n, pat) for pat in patterns)]
+        chosen = [n for n in chosen if _matches(n, include)]
+    chosen = [n for n in chosen if not _matches(n, exclude or ())]
     if not chosen:
         raise ValueError(
             "the model has no prunable parameters: by default only the weights of nn.Linear, "
             "nn.Conv1d/2d/3d and transformers' Conv1D layers are pruned (embeddings and the "
-            f"output head are excluded; include={include}, exclude={exclude}); pass "
-            "include=['pattern*'] to choose parameters by name")
+            f"output head are excluded; include={include}, exclude={exclude}, "
+            f"extra_prunable={extra_prunable}); include/exclude only narrow that choice: name "
+            "other parameters in extra_prunable=['pattern*'] to prune them")
     return {n: owners[n] for n in chosen}
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch(name, pattern) for pattern in patterns)
 
 
 def _output_heads(model: nn.Module) -> set[int]:
