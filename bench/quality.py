@@ -52,8 +52,8 @@ from gradprobe_dist.probe.decision import lowest_in_groups  # noqa: E402
 from gradprobe_dist.pipeline.evaluate import evaluate  # noqa: E402
 from gradprobe_dist.runtime.log import get_logger  # noqa: E402
 from gradprobe_dist.probe.params import find_prunable  # noqa: E402
-from gradprobe_dist.reconstruct.obs import (accumulate_hessian, reconstruct_with_mask,  # noqa: E402
-                                        sparsegpt_prune)
+from gradprobe_dist.reconstruct.obs import accumulate_hessian, reconstruct_with_mask  # noqa: E402
+from gradprobe_dist.reconstruct.sparsegpt import sparsegpt_prune  # noqa: E402
 from gradprobe_dist.strategies import SelectionContext  # noqa: E402
 from gradprobe_dist.strategies.base import count_to_select, parse_pattern  # noqa: E402
 

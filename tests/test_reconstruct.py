@@ -1,8 +1,9 @@
-"""SparseGPT math (gradprobe_dist.reconstruct.obs), on CPU without any process group."""
+"""SparseGPT math (gradprobe_dist.reconstruct.obs and .sparsegpt), on CPU without any process group."""
 import pytest
 import torch
 
-from gradprobe_dist.reconstruct.obs import accumulate_hessian, reconstruct_with_mask, sparsegpt_prune
+from gradprobe_dist.reconstruct.obs import accumulate_hessian, reconstruct_with_mask
+from gradprobe_dist.reconstruct.sparsegpt import sparsegpt_prune
 
 IN, OUT, TOKENS = 200, 24, 1500
 
