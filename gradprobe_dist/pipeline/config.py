@@ -103,6 +103,10 @@ class PruneConfig:
     stage_size: int = 0
     #: explicit stages, each a list of fnmatch patterns on parameter names (overrides stage_size)
     stages: list[list[str]] | None = None
+    #: run the frozen blocks before a stage once per batch, not once per pass (same masks)
+    cache_prefix: bool = True
+    #: where that cached output waits between the passes: same (as the activations) or cpu
+    prefix_cache_device: Literal["same", "cpu"] = "same"
     #: threshold: prune what the probe finds redundant (<= sparsity); target: exactly sparsity
     mode: Literal["threshold", "target"] = "threshold"
     #: target mode: candidates probed = oversample x sparsity

@@ -46,6 +46,7 @@ from gradprobe_dist.pipeline.build import build_model
 from gradprobe_dist.pipeline.rounds import layer_counts, round_masks, schedule_values, tentative_fraction
 from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.probe.params import find_prunable
+from gradprobe_dist.probe.prefix import block_list
 from gradprobe_dist.pipeline.plots import CARRIED_KEY, RATIO_KEY, ratio_tensors
 from gradprobe_dist.probe.gradprobe import GradProbe
 from gradprobe_dist.strategies import build_strategy
@@ -126,14 +127,8 @@ def plan_stages(model: nn.Module, names: list[str], stage_size: int,
 
 def _block_list_prefix(model: nn.Module, names: list[str]) -> str | None:
     """Name prefix of the ModuleList holding the most prunable parameters."""
-    best, best_count = None, 0
-    for mname, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1:
-            prefix = f"{mname}." if mname else ""
-            count = sum(n.startswith(prefix) for n in names)
-            if count > best_count:
-                best, best_count = prefix, count
-    return best
+    found = block_list(model, names)
+    return None if found is None else (f"{found[0]}." if found[0] else "")
 
 
 def build_configured_model(cfg: RunConfig) -> nn.Module:
@@ -400,7 +395,8 @@ class PruneJob:
         before = self.read_local_masks(round_.previous, stage) if round_.number > 1 else {}
         probe = GradProbe(self.model, strategy, backend=self.backend, statistic=cfg.statistic,
                           stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=stage,
-                          extra_prunable=stage)
+                          extra_prunable=stage, cache_prefix=cfg.cache_prefix,
+                          prefix_cache_device=cfg.prefix_cache_device)
         record = probe.probe(self.calibration, loss_fn_for(self.calibration), round_.sparsity,
                              cfg.num_batches, cfg.reduction_factor, verbose=bars,
                              oversample=round_.oversample,

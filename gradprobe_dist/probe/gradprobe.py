@@ -30,6 +30,7 @@ from gradprobe_dist.probe.decision import LayerProbe, ProbeRecord, check_nm, low
 from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.masking import MaskHooks, keep_pruned
 from gradprobe_dist.probe.params import find_prunable
+from gradprobe_dist.probe.prefix import FrozenPrefix
 from gradprobe_dist.strategies.base import PruningStrategy, SelectionContext, count_to_select, transposed_names
 from gradprobe_dist.probe.validation import check_prune_args, check_threshold
 
@@ -45,13 +46,17 @@ class GradProbe:
     ``torch.bfloat16`` or ``"cpu"`` to save accelerator memory). ``include``/``exclude``:
     fnmatch patterns narrowing the prunable parameters; ``extra_prunable``: patterns of other
     parameters to prune as well (see ``gradprobe_dist.probe.params``).
+    ``cache_prefix``: run the blocks before the first probed block once per batch, not once
+    per pass, keeping their output on ``prefix_cache_device`` (``"same"`` or ``"cpu"``; see
+    ``gradprobe_dist.probe.prefix``).
     """
 
     def __init__(self, model: nn.Module, strategy: PruningStrategy, device=None, *,
                  backend: Backend | None = None, statistic: str = "max_abs",
                  stat_dtype: torch.dtype = torch.float32, stat_device=None,
                  include: list[str] | None = None, exclude: list[str] | None = None,
-                 extra_prunable: list[str] | None = None):
+                 extra_prunable: list[str] | None = None, cache_prefix: bool = True,
+                 prefix_cache_device: str = "same"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(strategy, PruningStrategy):
@@ -69,6 +74,7 @@ class GradProbe:
         self.stat_device = torch.device(stat_device) if stat_device is not None else None
         self.owners = find_prunable(model, include, exclude, extra_prunable)
         self.param_names = list(self.owners)
+        self.prefix = FrozenPrefix(model, self.param_names, enabled=cache_prefix, device=prefix_cache_device)
         self.masks: dict[str, torch.Tensor] = {}
         #: target mode: the gradient_threshold whose threshold-mode decision it matched at worst
         self.equivalent_threshold: float | None = None
@@ -236,7 +242,8 @@ class GradProbe:
         owl = allocation is not None and allocation.kind == "owl"
         try:
             with collect_input_sq_norms(self.owners if self.strategy.needs_activations or owl else {}) as norms, \
-                    collect_input_hessians(self.owners if hessians else {}) as local_hessians:
+                    collect_input_hessians(self.owners if hessians else {}) as local_hessians, \
+                    self.prefix.recording():
                 baseline = self._gradient_pass(batches, loss_of, "baseline", verbose)
             context = self._selection_context(norms)
             if owl:
@@ -249,7 +256,8 @@ class GradProbe:
             layers = self._scale_selected(tentative, baseline, reduction_factor)
             record = ProbeRecord(layers, average_over_ranks(local_hessians, self.backend) if hessians else None)
             try:
-                reduced = self._gradient_pass(batches, loss_of, "reduced", verbose)
+                with self.prefix.replaying():
+                    reduced = self._gradient_pass(batches, loss_of, "reduced", verbose)
             finally:
                 self._restore(record)
             for name, layer in layers.items():
@@ -332,6 +340,7 @@ class GradProbe:
                    leave=False)
         loss_finite = []
         for index, batch in enumerate(bar):
+            self.prefix.select(index)
             loss = loss_of(self._wrapped, to_device(batch, backend.device))
             loss_finite.append(torch.isfinite(loss.detach()))  # no sync: read once per pass
             backend.backward(loss)
@@ -364,6 +373,7 @@ class GradProbe:
         if first_bad_loss == len(batches) and stats_ok:
             return
         for index, batch in enumerate(batches):
+            self.prefix.select(index)
             loss = loss_of(self._wrapped, to_device(batch, self.backend.device))
             self.backend.backward(loss)
             finite = [torch.isfinite(self._local_grad(n, index)).all() for n in self.param_names]

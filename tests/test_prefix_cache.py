@@ -1,0 +1,167 @@
+"""The frozen prefix of a stage runs once per batch, not once per pass, and the masks do not
+change: counted forwards of an earlier block, bit-identical masks with and without the
+cache, in one process and on 2 gloo ranks (DDP, FSDP2, ZeRO-3), for TinyGPT and a tiny
+Hugging Face LLaMA (whose gradient checkpointing must not change the masks either)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gradprobe_dist import GradProbe, MagnitudePruning, WandaPruning
+from gradprobe_dist.models import TinyGPT, TinyGPTConfig
+from gradprobe_dist.parallel import build_backend
+from gradprobe_dist.probe.prefix import FrozenPrefix, frozen_prefix_length
+from multiproc import run_ranks
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+NUM_BATCHES = 3
+TINY = TinyGPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=16)
+LATE_BLOCKS = ["blocks.[23].attn.*.weight", "blocks.[23].mlp.*.weight"]
+
+
+def _model() -> TinyGPT:
+    torch.manual_seed(0)
+    return TinyGPT(TINY)
+
+
+def _batches(rank: int = 0, world: int = 1) -> list[dict]:
+    """Global batches of 4 sequences; each rank feeds its quarter/half of every one."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(NUM_BATCHES):
+        ids = torch.randint(0, TINY.vocab_size, (4, TINY.block_size), generator=g)
+        part = ids[rank * 4 // world:(rank + 1) * 4 // world]
+        out.append({"input_ids": part, "labels": part})
+    return out
+
+
+def _count_forwards(module: nn.Module) -> list[int]:
+    count = [0]
+    module.register_forward_hook(lambda m, a, o: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+def _probe_late_blocks(mode: str, cache: bool, rank: int = 0, world: int = 1,
+                       device: str = "same") -> tuple[dict, list[int]]:
+    """Wanda on blocks 2-3 (so blocks 0-1 are the frozen prefix); returns the full masks
+    (main rank) and the forward counts of blocks 0, 1 and 2 on this rank."""
+    model = _model()
+    counts = [_count_forwards(model.blocks[i]) for i in range(3)]
+    backend = build_backend(mode, torch.device("cpu"))
+    probe = GradProbe(model, WandaPruning(), backend=backend, include=LATE_BLOCKS,
+                      cache_prefix=cache, prefix_cache_device=device)
+    masks = probe.prune(_batches(rank, world), None, sparsity=0.5, num_batches=NUM_BATCHES,
+                        gradient_threshold=0.05)
+    full = {n: backend.gather_full(n, m) for n, m in masks.items()}
+    backend.close()
+    return full, [c[0] for c in counts]
+
+
+def test_prefix_length_is_the_blocks_before_the_first_probed_one():
+    model = _model()
+    names = lambda *blocks: [n for n, _ in model.named_parameters()
+                             if any(n.startswith(f"blocks.{b}.") for b in blocks) and n.endswith("weight")]
+    assert frozen_prefix_length(model, names(2, 3)) == 2
+    assert frozen_prefix_length(model, names(3)) == 3
+    assert frozen_prefix_length(model, names(0, 3)) == 0
+    # a probed weight outside the block list could feed the blocks: nothing is cached
+    assert frozen_prefix_length(model, names(2) + ["pos_emb.weight"]) == 0
+    assert FrozenPrefix(model, names(3), enabled=False).length == 0
+
+
+@pytest.mark.parametrize("device", ["same", "cpu"])
+def test_one_process_runs_the_prefix_once_per_batch_with_the_same_masks(device):
+    cached, cached_counts = _probe_late_blocks("none", True, device=device)
+    plain, plain_counts = _probe_late_blocks("none", False)
+    assert plain_counts == [2 * NUM_BATCHES] * 3  # both passes, every block
+    assert cached_counts == [NUM_BATCHES, NUM_BATCHES, 2 * NUM_BATCHES]  # prefix: baseline pass only
+    assert cached.keys() == plain.keys() and cached
+    for name in plain:
+        assert torch.equal(cached[name], plain[name]), name
+    assert any(m.any() for m in plain.values()) and not all(m.all() for m in plain.values())
+
+
+def test_the_model_gets_its_blocks_back_and_the_cache_is_not_reused_for_other_data():
+    model = _model()
+    blocks = list(model.blocks)
+    probe = GradProbe(model, MagnitudePruning(), include=LATE_BLOCKS)
+    probe.prune(_batches(), None, sparsity=0.5, num_batches=NUM_BATCHES)
+    assert list(model.blocks) == blocks
+    with pytest.raises(RuntimeError, match="no recorded prefix output for calibration batch 0"):
+        with FrozenPrefix(model, [n for n in probe.param_names]).replaying():
+            model(**_batches()[0])
+    assert list(model.blocks) == blocks
+
+
+def _ranks(rank, world, mode):
+    cached, cached_counts = _probe_late_blocks(mode, True, rank, world)
+    plain, plain_counts = _probe_late_blocks(mode, False, rank, world)
+    return cached, cached_counts, plain, plain_counts
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "zero3"])
+def test_two_ranks_run_the_prefix_once_per_batch_with_the_same_masks(mode):
+    results = run_ranks(_ranks, 2, mode, timeout=300, env={"DS_ACCELERATOR": "cpu"})
+    for cached, cached_counts, plain, plain_counts in results:
+        assert plain_counts == [2 * NUM_BATCHES] * 3
+        assert cached_counts == [NUM_BATCHES, NUM_BATCHES, 2 * NUM_BATCHES]
+    cached, _, plain, _ = results[0]
+    assert cached.keys() == plain.keys() and cached
+    for name in plain:
+        assert torch.equal(cached[name], plain[name]), name
+
+
+# -- the staged job: the frozen prefix of each stage runs once per batch -----------------------
+def _job_block0_forwards(config_path: str, cache: bool, parallel: str) -> tuple[int, dict]:
+    """Run the 3-stage job (one block per stage); forwards of block 0 on this rank, and the
+    masks it wrote (main rank)."""
+    from gradprobe_dist.checkpoint.store import load_masks
+    from gradprobe_dist.pipeline.config import load_config
+    from gradprobe_dist.pipeline.job import PruneJob
+    from gradprobe_dist.runtime.env import init_distributed
+
+    out = f"{config_path}.{parallel}.{cache}"
+    cfg = load_config(config_path, [f"prune.cache_prefix={str(cache).lower()}", f"parallel={parallel}",
+                                    f"output_dir={out}"])
+    env = init_distributed(device="cpu")
+    with PruneJob(cfg, env, show_progress=False) as job:
+        count = _count_forwards(job.model.blocks[0])
+        job.run(restart=True)
+    return count[0], load_masks(out) if env.is_main else None
+
+
+def _job_ranks(rank, world, config_path, parallel):
+    return [_job_block0_forwards(config_path, cache, parallel) for cache in (True, False)]
+
+
+@pytest.fixture(scope="module")
+def job_config(tmp_path_factory):
+    from test_pipeline import make_tiny_data, write_config
+
+    root = tmp_path_factory.mktemp("job")
+    return str(write_config(root / "run.yaml", make_tiny_data(root), output_dir=root / "masks",
+                            prune={"strategy": "wanda", "gradient_threshold": 0.05}))
+
+
+def _check_job(results, num_batches: int) -> None:
+    (cached_count, cached), (plain_count, plain) = results
+    # block 0: probed in stage 1 (both passes), the frozen prefix of stages 2 and 3
+    assert plain_count == 3 * 2 * num_batches
+    assert cached_count == (2 + 1 + 1) * num_batches
+    assert cached.keys() == plain.keys() and len(cached) == 12
+    for name in plain:
+        assert torch.equal(cached[name], plain[name]), name
+
+
+def test_staged_job_in_one_process_runs_each_prefix_once_per_batch(job_config):
+    _check_job([_job_block0_forwards(job_config, cache, "none") for cache in (True, False)], 4)
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "zero3"])
+def test_staged_job_on_two_ranks_runs_each_prefix_once_per_batch(job_config, parallel):
+    ranks = run_ranks(_job_ranks, 2, job_config, parallel, timeout=400, env={"DS_ACCELERATOR": "cpu"})
+    _check_job(ranks[0], 4)  # each rank feeds its own 4 micro-batches
+    assert [count for count, _ in ranks[1]] == [count for count, _ in ranks[0]]
