@@ -39,8 +39,10 @@ def _batches(rank: int = 0, world: int = 1) -> list[dict]:
 
 
 def _count_forwards(module: nn.Module) -> list[int]:
+    """Calls of ``module`` counted as they start (a checkpoint's recompute may stop early,
+    inside the module, once it has what the backward needs)."""
     count = [0]
-    module.register_forward_hook(lambda m, a, o: count.__setitem__(0, count[0] + 1))
+    module.register_forward_pre_hook(lambda m, a: count.__setitem__(0, count[0] + 1))
     return count
 
 
@@ -165,3 +167,69 @@ def test_staged_job_on_two_ranks_runs_each_prefix_once_per_batch(job_config, par
     ranks = run_ranks(_job_ranks, 2, job_config, parallel, timeout=400, env={"DS_ACCELERATOR": "cpu"})
     _check_job(ranks[0], 4)  # each rank feeds its own 4 micro-batches
     assert [count for count, _ in ranks[1]] == [count for count, _ in ranks[0]]
+
+
+# -- a Hugging Face LLaMA: the prefix cache and gradient checkpointing ------------------------
+def _hf_llama_dir(root) -> str:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=TINY.block_size, attention_dropout=0.5)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(root)
+    return str(root)
+
+
+def _probe_hf(path: str, checkpointing: bool, cache: bool, mode: str = "none", rank: int = 0,
+              world: int = 1):
+    """Wanda on layers 2-3; full masks, forwards of layer 0 and of layer 3's MLP, and the
+    training flags layer 3's attention saw (dropout must stay off)."""
+    from gradprobe_dist.pipeline.build import build_model
+    from gradprobe_dist.pipeline.config import ModelConfig
+
+    model = build_model(ModelConfig(kind="hf", path=path, gradient_checkpointing=checkpointing))
+    layers = model.model.layers
+    prefix_runs, mlp_runs, attn_modes = _count_forwards(layers[0]), _count_forwards(layers[3].mlp), []
+    layers[3].self_attn.register_forward_hook(lambda m, a, o: attn_modes.append(m.training))
+    backend = build_backend(mode, torch.device("cpu"))
+    probe = GradProbe(model, WandaPruning(), backend=backend, cache_prefix=cache,
+                      include=["model.layers.[23].*"])
+    masks = probe.prune(_batches(rank, world), None, sparsity=0.5, num_batches=NUM_BATCHES,
+                        gradient_threshold=0.05)
+    full = {n: backend.gather_full(n, m) for n, m in masks.items()}
+    backend.close()
+    return full, prefix_runs[0], mlp_runs[0], set(attn_modes)
+
+
+def test_gradient_checkpointing_recomputes_in_eval_mode_and_keeps_the_masks(tmp_path):
+    path = _hf_llama_dir(tmp_path / "llama")
+    plain, plain_prefix, plain_mlp, plain_modes = _probe_hf(path, False, False)
+    checked, checked_prefix, checked_mlp, checked_modes = _probe_hf(path, True, True)
+    assert plain_mlp == 2 * NUM_BATCHES  # one forward per batch per pass
+    assert checked_mlp == 2 * 2 * NUM_BATCHES  # and its recompute in each backward
+    assert plain_prefix == 2 * NUM_BATCHES and checked_prefix == NUM_BATCHES  # prefix cached
+    assert plain_modes == checked_modes == {False}  # the attention's dropout stayed off
+    assert plain.keys() == checked.keys() and len(plain) == 14
+    for name in plain:
+        assert torch.equal(checked[name], plain[name]), name
+
+
+def test_gradient_checkpointing_is_refused_for_built_in_models():
+    from gradprobe_dist.pipeline.config import ConfigError, ModelConfig
+
+    with pytest.raises(ConfigError, match="model.gradient_checkpointing needs model.kind=hf"):
+        ModelConfig(kind="tinygpt", gradient_checkpointing=True)
+
+
+def _hf_ranks(rank, world, path):
+    return _probe_hf(path, True, True, "fsdp", rank, world)[:3], _probe_hf(path, False, False, "fsdp", rank, world)[:3]
+
+
+def test_gradient_checkpointing_and_prefix_cache_under_fsdp_keep_the_masks(tmp_path):
+    path = _hf_llama_dir(tmp_path / "llama")
+    (checked, checked_prefix, checked_mlp), (plain, plain_prefix, plain_mlp) = \
+        run_ranks(_hf_ranks, 2, path, timeout=300)[0]
+    assert (checked_prefix, checked_mlp) == (NUM_BATCHES, 4 * NUM_BATCHES)
+    assert (plain_prefix, plain_mlp) == (2 * NUM_BATCHES, 2 * NUM_BATCHES)
+    for name in plain:
+        assert torch.equal(checked[name], plain[name]), name

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from gradprobe_dist.pipeline.config import ModelConfig
 from gradprobe_dist.models import SimpleMLP, TinyGPT, TinyGPTConfig
+from gradprobe_dist.models.checkpointing import checkpoint_activations
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -20,7 +21,10 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         if not Path(cfg.path).is_dir():
             raise FileNotFoundError(f"model.path {cfg.path} is not a directory holding a saved "
                                     "Hugging Face model (config.json + weights)")
-        return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32, **cfg.options)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32, **cfg.options)
+        if cfg.gradient_checkpointing:
+            checkpoint_activations(model)
+        return model
     model = TinyGPT(TinyGPTConfig.from_dict(cfg.options)) if cfg.kind == "tinygpt" else SimpleMLP(**cfg.options)
     if cfg.path:
         load_weights(model, cfg.path)

@@ -48,10 +48,16 @@ class ModelConfig:
     #: let prune/sweep/eval/export use a randomly initialised built-in model (from ``seed``)
     #: when model.path is unset (tests, smoke runs); without it an unset path is an error
     random_init: bool = False
+    #: hf: recompute each decoder layer's activations in the backward instead of keeping
+    #: them (less memory for longer sequences, one more forward per layer; same masks)
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         if self.kind not in MODEL_KINDS:
             raise ConfigError(f"model.kind={self.kind!r}: choose one of {', '.join(MODEL_KINDS)}")
+        if self.gradient_checkpointing and self.kind != "hf":
+            raise ConfigError(f"model.gradient_checkpointing needs model.kind=hf (got {self.kind!r}): "
+                              "set model.gradient_checkpointing=false")
         if self.kind == "hf" and not self.path:
             raise ConfigError("model.path is required when model.kind is 'hf' (a local model directory)")
         _check_model_options(self.kind, self.options)
@@ -215,10 +221,11 @@ class RunConfig:
                 "data.micro_batch_size": self.data.micro_batch_size, "seed": self.seed}
 
     def _model_fields(self) -> dict[str, Any]:
-        """``model.*`` as the masks see it: random_init is implied by an empty path, and an
-        unset extra_prunable is left out so that checkpoints made before it existed resume."""
+        """``model.*`` as the masks see it: random_init is implied by an empty path,
+        gradient_checkpointing changes memory, not masks, and an unset extra_prunable is left
+        out so that checkpoints made before it existed resume."""
         fields = dataclasses.asdict(self.model)
-        del fields["random_init"]
+        del fields["random_init"], fields["gradient_checkpointing"]
         if not fields["extra_prunable"]:
             del fields["extra_prunable"]
         return fields
