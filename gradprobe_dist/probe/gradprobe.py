@@ -136,7 +136,7 @@ class GradProbe:
         self._check_nm_masks(masks, exact=mode == "target")
         self.apply_masks(record, masks)
         if reconstruct:
-            compensate(self.backend, record, masks)
+            compensate(self.backend, record, masks, transposed=transposed_names(self.owners))
         return masks
 
     def sweep_gradient_thresholds(self, dataloader: Iterable, loss_fn: Callable | None,

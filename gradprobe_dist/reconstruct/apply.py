@@ -4,8 +4,8 @@ Once a layer's mask is decided, SparseGPT's Optimal-Brain-Surgeon update with th
 fixed (``reconstruct.reconstruct_with_mask``) moves the kept weights to reduce the layer's
 output error on the calibration inputs. It needs ``H = 2 X X^T`` of each layer's inputs,
 collected by forward hooks during the baseline pass (no extra pass) and averaged over ranks.
-Rows are independent given H, so FSDP2 row shards update locally; ZeRO-3's flat partitions
-are gathered one layer at a time on the main rank.
+Where each layer is computed (in place on whole rows, or gathered one layer at a time on the
+main rank) is ``layers.py``'s business.
 """
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ import torch.nn as nn
 
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.probe.decision import ProbeRecord
+from gradprobe_dist.probe.params import transposed_linear_types
+from gradprobe_dist.reconstruct.layers import as_rows, on_main, works_in_place
 from gradprobe_dist.reconstruct.obs import accumulate_hessian, reconstruct_with_mask
 
 
 @contextmanager
 def collect_input_hessians(owners: dict[str, nn.Module]):
-    """Yield name -> [H, n_seen] running means of 2 x x^T for every nn.Linear in ``owners``."""
+    """Yield name -> [H, n_seen] running means of 2 x x^T for every Linear layer in ``owners``
+    (``nn.Linear`` and GPT-2's transposed ``Conv1D``, whose input is ``[..., in]`` too)."""
     hessians: dict[str, list] = {}
     handles = []
 
@@ -36,7 +39,7 @@ def collect_input_hessians(owners: dict[str, nn.Module]):
 
     try:
         for name, module in owners.items():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, *transposed_linear_types())):
                 handles.append(module.register_forward_pre_hook(make_hook(name)))
         yield hessians
     finally:
@@ -55,31 +58,30 @@ def average_over_ranks(hessians: dict[str, list], backend: Backend) -> dict[str,
 
 
 def compensate(backend: Backend, record: ProbeRecord, masks: dict[str, torch.Tensor],
-               blocksize: int = 128, percdamp: float = 0.01) -> list[str]:
+               blocksize: int = 128, percdamp: float = 0.01,
+               transposed: frozenset[str] = frozenset()) -> list[str]:
     """Prune ``masks`` from the dense weights (the probe's saved originals put back) with the
-    OBS update of every layer that has a Hessian; returns the names updated."""
+    OBS update of every layer that has a Hessian; returns the names updated. ``transposed``:
+    weights stored ``[in, out]`` (GPT-2's ``Conv1D``)."""
     updated = []
     hessians = record.hessians or {}
     for name in sorted(hessians):
-        where = backend.local_slice(name)
         weight = backend.local_weight(name)
-        rows = where.full_shape[0]
         layer = record.layers[name]
+        flip = name in transposed
+
+        def update(w, mask, name=name):
+            return [reconstruct_with_mask(w, hessians[name], mask, blocksize, percdamp)]
+
         with torch.no_grad():
             dense = weight.clone()
             dense[layer.tentative] = layer.originals.to(dense.device)
-            if where.layout == "flat":
-                full_w = backend.gather_full(name, dense)
-                full_m = backend.gather_full(name, masks[name])
-                new = None
-                if full_w is not None:
-                    new = reconstruct_with_mask(full_w.reshape(rows, -1), hessians[name],
-                                                full_m.reshape(rows, -1), blocksize, percdamp)
-                weight.copy_(backend.scatter_full(name, new.reshape(where.full_shape) if new is not None else None))
-            elif weight.shape[0] > 0:
-                new = reconstruct_with_mask(dense.reshape(weight.shape[0], -1), hessians[name],
-                                            masks[name].reshape(weight.shape[0], -1), blocksize, percdamp)
-                weight.copy_(new.reshape(weight.shape))
+            if works_in_place(backend.local_slice(name), flip):
+                (new,) = update(as_rows(dense, flip), as_rows(masks[name], flip))
+                new = as_rows(new, flip)
+            else:
+                (new,) = on_main(backend, name, [dense, masks[name]], flip, update, outputs=1)
+            weight.copy_(new.reshape(weight.shape))
         updated.append(name)
     backend.commit_weights(updated)
     return updated
