@@ -42,6 +42,15 @@ def machine() -> dict:
     }
 
 
+def describe_machine(info: dict | str) -> str:
+    """One line for a report's header (older reports stored that line already)."""
+    if isinstance(info, str):
+        return info
+    return (f"{info['cpu_cores']} x {info['cpu_model']}{', ' + info['gpu'] if info.get('gpu') else ''}, "
+            f"{info['memory_gib']} GiB, torch {info['torch']}, {info['threads_per_process']} thread(s) per process, "
+            f"load average {info['load_average_1m_at_start']:.2f} at the start ({info['date_utc']})")
+
+
 def run_meta(smoke: bool = False, **extra) -> dict:
     """``meta`` of a report: the command that produced it, smoke or not, and the machine."""
     return {"command": command_line(), "smoke": smoke, "machine": machine(), **extra}

