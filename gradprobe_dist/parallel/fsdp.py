@@ -25,6 +25,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.parallel.base import LocalSlice, freeze_all_but
+from gradprobe_dist.parallel.loading import WeightReader, fill_local_parts, real_buffers, restore_buffers
 from gradprobe_dist.parallel.local import LocalBackend
 from gradprobe_dist.parallel.collectives import (DistributedCollectives, check_param_names, comm_device, gather_rows,
                           require_process_group, scatter_rows)
@@ -97,12 +98,22 @@ class FSDPBackend(DistributedCollectives, LocalBackend):
         units = unit_names(model, param_names, self.unit_patterns)
         modules = dict(model.named_modules())
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-        model.to(self.device)
+        if not any(p.is_meta for p in model.parameters()):  # meta: ``load_sharded`` fills it
+            model.to(self.device)
         # deepest first: a unit's parameters must be claimed before an enclosing unit is sharded
         for name in sorted(units, key=lambda n: n.count("."), reverse=True):
             fully_shard(modules[name], mesh=mesh)
         fully_shard(model, mesh=mesh)
         log.info("FSDP2: sharded %d units and the root over %d ranks", len(units), self.world_size)
+
+    def load_sharded(self, model: nn.Module, param_names: list[str], reader: WeightReader) -> None:
+        """Shard ``model`` (parameters on the meta device), then read each rank's rows of every
+        weight from ``reader``: no rank ever holds a whole weight, let alone the model."""
+        buffers = real_buffers(model)
+        self._shard(model, param_names)
+        model.to_empty(device=self.device)
+        restore_buffers(model, buffers, self.device)
+        fill_local_parts(model, reader, _row_slice, DTensor.to_local)
 
     def _reshard(self) -> None:
         for module in self._model.modules():

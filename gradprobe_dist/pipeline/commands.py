@@ -208,6 +208,18 @@ def export(args):
     return {"out": args.out, "masked": len(masks)}
 
 
+def fetch_model(args):
+    """Rank 0 converts the model (once; a complete directory is reused)."""
+    from gradprobe_dist.models.fetch import fetch_model as fetch
+
+    if not is_main_process():
+        return None
+    result = fetch(args.name, args.out)
+    _say(args, f"{args.name}: {'already in' if result['cached'] else 'converted into'} {args.out}"
+               + ("" if result["cached"] else f" in {result['seconds']:.0f} s"))
+    return result
+
+
 def format_table(rows: list[dict]) -> str:
     header = f"{'layer':40s} {'shape':>14s} {'tentative':>10s} {'pruned':>9s} {'restored':>9s} {'sparsity':>9s}"
     lines = [header, "-" * len(header)]

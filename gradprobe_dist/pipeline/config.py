@@ -51,6 +51,10 @@ class ModelConfig:
     #: hf: recompute each decoder layer's activations in the backward instead of keeping
     #: them (less memory for longer sequences, one more forward per layer; same masks)
     gradient_checkpointing: bool = False
+    #: precision of the weights (and so of forward/backward): auto = the checkpoint's own
+    #: (float32 for a model built without weights); the gradient statistic stays
+    #: prune.stat_dtype (float32 by default)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
     def __post_init__(self):
         if self.kind not in MODEL_KINDS:
@@ -228,6 +232,8 @@ class RunConfig:
         del fields["random_init"], fields["gradient_checkpointing"]
         if not fields["extra_prunable"]:
             del fields["extra_prunable"]
+        if fields["dtype"] == "auto":  # the checkpoint's own, as before model.dtype existed
+            del fields["dtype"]
         return fields
 
     def fingerprint(self) -> str:

@@ -131,11 +131,12 @@ def _block_list_prefix(model: nn.Module, names: list[str]) -> str | None:
     return None if found is None else (f"{found[0]}." if found[0] else "")
 
 
-def build_configured_model(cfg: RunConfig) -> nn.Module:
+def build_configured_model(cfg: RunConfig, backend: Backend | None = None) -> nn.Module:
     """The model of ``cfg``, randomly initialised from ``cfg.seed`` unless ``model.path``
-    loads weights: every rank and every command (prune, eval, export) gets the same one."""
+    loads weights: every rank and every command (prune, eval, export) gets the same one
+    (sharded by ``backend`` as it loads, where the backend can)."""
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model)
+    return build_model(cfg.model, backend)
 
 
 def loss_fn_for(batches: list) -> nn.Module | None:
@@ -176,12 +177,12 @@ class PruneJob:
             parallel = "none"
         self.cfg, self.env = cfg, env
         self.show_progress = show_progress and env.is_main
-        self.model = build_configured_model(cfg)
+        self.backend: Backend = build_backend(parallel, env.device, fsdp_units=cfg.fsdp_units,
+                                              micro_batch_size=cfg.data.micro_batch_size)
+        self.model = build_configured_model(cfg, self.backend)
         self.names = list(find_prunable(self.model, cfg.model.include, cfg.model.exclude,
                                         cfg.model.extra_prunable))
         self.stages = plan_stages(self.model, self.names, cfg.prune.stage_size, cfg.prune.stages)
-        self.backend: Backend = build_backend(parallel, env.device, fsdp_units=cfg.fsdp_units,
-                                              micro_batch_size=cfg.data.micro_batch_size)
         self._calibration: list | None = None
         self._eval_batches: list | None = None
 
