@@ -2,17 +2,21 @@
 
 Every subcommand works as one plain process and under torchrun/srun (the process group is
 joined from the launcher's environment); only rank 0 prints and writes. A mistake in the
-input (config, paths, a checkpoint that does not fit) ends with one ``[rank N] ERROR`` line
-and exit status 2, not a traceback (``GRADPROBE_LOG_LEVEL=DEBUG`` adds the traceback).
-Under torchrun every error also goes to torchelastic's error file, so the launcher's failure
-summary names it even when only rank 0's output is shown.
+input (config, paths, a checkpoint that does not fit, bad arguments) ends with one
+``[rank N] ERROR`` line and exit status 2, not a traceback (``GRADPROBE_LOG_LEVEL=DEBUG``
+adds the traceback). Under torchrun every error also goes to torchelastic's error file, so
+the launcher's failure summary names it even when only rank 0's output is shown; for a
+handled error that is the one line, and the other ranks report theirs a moment later, so
+that rank 0's line comes first and is the summary's root cause.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 import warnings
 
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
@@ -20,6 +24,40 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from gradprobe_dist.runtime.log import get_logger, is_main_process
 
 EXIT_USAGE = 2
+#: input problems: reported as one ERROR line (anything else is a bug and keeps its traceback)
+HANDLED = (ValueError, TypeError, OSError, ImportError, FloatingPointError)
+#: how long a rank other than 0 waits before reporting a handled error (see the docstring)
+OTHER_RANKS_DELAY_S = 0.5
+
+
+class Parser(argparse.ArgumentParser):
+    """Argument errors as one ``[rank N] ERROR`` line with exit status 2, like every other
+    input problem (argparse's default prints the whole usage text first)."""
+
+    def error(self, message: str):
+        report(f"{message}; see `{self.prog} --help`")
+        self.exit(EXIT_USAGE)
+
+
+def report(message: str) -> None:
+    """Log a handled error and record it (without a traceback) for torchrun's summary."""
+    if not is_main_process():
+        time.sleep(OTHER_RANKS_DELAY_S)
+    get_logger().error("%s", " ".join(message.split()))  # one line, whatever the message held
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun only
+    if error_file:
+        record = {"message": message, "extraInfo": {"py_callstack": message,
+                                                    "timestamp": str(int(time.time()))}}
+        with open(error_file, "w") as f:
+            json.dump({"message": record}, f)
+
+
+def error_text(err: BaseException) -> str:
+    """An OSError names its file and the system's reason; our own errors carry a sentence."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return (f"{err.filename}: {err.strerror or err}; check that the path exists, has the "
+                "right kind (file or directory) and that you may read or write it")
+    return str(err)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -33,10 +71,10 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradprobe", description="Gradient-probing pruner")
+    parser = Parser(prog="gradprobe", description="Gradient-probing pruner")
     # the deepspeed launcher inserts --local_rank=N; the rank comes from the environment anyway
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("prune", help="probe and prune in stages, checkpointing each layer's mask")
     _config_args(p)
@@ -48,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     _output_args(p)
     p.add_argument("--out", help="write the sweep results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
-    p = sub.add_parser("validate", help="check a config and plan its stages without running anything")
+    p = sub.add_parser("validate", help="check a config and the inputs it names, plan its stages; runs nothing")
     _config_args(p)
     _output_args(p)
 
@@ -65,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (default: bytes)")
     p.add_argument("--max-samples", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
 
     p = sub.add_parser("train", help="train the configured model on data.shards (on rank 0)")
     _config_args(p)
@@ -72,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", required=True, help="where to save the weights (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     p = sub.add_parser("inspect", help="per-layer table of a mask checkpoint")
     p.add_argument("directory")
@@ -117,7 +158,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as done:  # --help, or an argument error already reported
+        return done.code
     logger = get_logger()
     level = logger.level
     if args.quiet:
@@ -131,10 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = getattr(commands, args.command.replace("-", "_"))(args)
-    except (ValueError, TypeError, FileNotFoundError, MainRankFailed) as err:
+    except (*HANDLED, MainRankFailed) as err:
         logger.debug("traceback of the error below", exc_info=True)
-        logger.error("%s", err)
-        ErrorHandler().record_exception(err)  # a no-op outside torchrun
+        report(error_text(err))
         return EXIT_USAGE  # no process-group teardown: another rank may be stuck mid-collective
     except Exception as err:
         ErrorHandler().record_exception(err)

@@ -171,3 +171,17 @@ def test_sweep_rejects_bad_thresholds():
     with pytest.raises(ValueError, match="thresholds is empty"):
         GradProbe(model, MagnitudePruning()).sweep_gradient_thresholds(
             loader, nn.CrossEntropyLoss(), lambda m: 0.0, 0.5, [], 2)
+
+
+@pytest.mark.xfail(strict=True, reason="probe engine (core): a NaN weight is blamed on a calibration "
+                                       "batch and on another parameter (issue 9, section 4)")
+@pytest.mark.parametrize("bad", ["layers.1.weight", "head.weight", "layers.0.bias"])
+def test_nan_weight_is_named_as_the_weight_not_as_bad_data(bad):
+    torch.manual_seed(0)
+    model = SimpleMLP(10, [8, 8], 3)
+    with torch.no_grad():
+        dict(model.named_parameters())[bad].view(-1)[0] = float("nan")
+    batches = [(torch.randn(4, 10), torch.randint(0, 3, (4,))) for _ in range(2)]
+    with pytest.raises((ValueError, FloatingPointError)) as err:
+        GradProbe(model, MagnitudePruning()).prune(batches, nn.CrossEntropyLoss(), 0.5, 2)
+    assert f"'{bad}'" in str(err.value) and "calibration batch" not in str(err.value), str(err.value)

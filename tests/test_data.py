@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from multiproc import run_ranks  # noqa: E402
 
-from gradprobe_dist.data.loader import calibration_batches, global_reference_batches  # noqa: E402
+from gradprobe_dist.data.loader import calibration_batches, global_reference_batches, token_vocab_size  # noqa: E402
 from gradprobe_dist.data.shards import (  # noqa: E402
     bundled_text_path,
     load_tensor,
@@ -275,6 +275,45 @@ def test_corrupt_shard_header_is_named(tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="calib-000000.tar is truncated or corrupt"):
         calibration_batches(tmp_path, micro_batch_size=1, num_batches=1)
+
+
+def test_changed_byte_inside_a_sample_is_caught_by_the_digest(tmp_path):
+    write_text_shards([bundled_text_path()], tmp_path, seq_len=SEQ_LEN, samples_per_shard=4, max_samples=8)
+    shard = tmp_path / "calib-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[-2000] ^= 1  # same size, tar headers intact: only the digest can tell
+    shard.write_bytes(bytes(data))
+    calibration_batches(tmp_path, micro_batch_size=4, num_batches=1)  # shard 0 alone is fine
+    with pytest.raises(ValueError, match="calib-000001.tar is truncated or corrupt: its sha256 differs"):
+        calibration_batches(tmp_path, micro_batch_size=4, num_batches=2)
+
+
+def test_token_ids_are_checked_against_the_models_vocabulary(tmp_path):
+    from gradprobe_dist.models import SimpleMLP, TinyGPT, TinyGPTConfig
+
+    write_text_shards([bundled_text_path()], tmp_path / "text", seq_len=SEQ_LEN, samples_per_shard=4, max_samples=8)
+    assert len(calibration_batches(tmp_path / "text", micro_batch_size=4, num_batches=2, vocab_size=256)) == 2
+    with pytest.raises(ValueError, match=r"tokenised with 'bytes' \(vocabulary 256\), but the model's vocabulary "
+                                         r"has 100 tokens"):
+        calibration_batches(tmp_path / "text", micro_batch_size=4, num_batches=2, vocab_size=100)
+    _numbered_tensor_shards(tmp_path / "tensor", num_samples=4, samples_per_shard=2)
+    with pytest.raises(ValueError, match="hold tensor samples, but the model takes token ids"):
+        calibration_batches(tmp_path / "tensor", micro_batch_size=1, num_batches=1, vocab_size=256)
+    assert token_vocab_size(TinyGPT(TinyGPTConfig(vocab_size=100, n_layer=1, n_embd=8, n_head=2))) == 100
+    assert token_vocab_size(SimpleMLP(4, [3], 2)) is None
+
+
+def test_existing_shards_are_refused_and_overwrite_replaces_them(tmp_path):
+    write_text_shards([bundled_text_path()], tmp_path, seq_len=SEQ_LEN, samples_per_shard=2, max_samples=8)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="already holds shards.*overwrite"):
+        write_text_shards([bundled_text_path("valid")], tmp_path, seq_len=SEQ_LEN, samples_per_shard=2)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    write_text_shards([bundled_text_path("valid")], tmp_path, seq_len=SEQ_LEN, samples_per_shard=4,
+                      max_samples=4, overwrite=True)
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["calib-000000.tar"]  # no stale shard left
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        write_text_shards([bundled_text_path()], tmp_path / "metadata.json", seq_len=SEQ_LEN, samples_per_shard=2)
 
 
 def test_bad_arguments_name_the_problem(tmp_path):

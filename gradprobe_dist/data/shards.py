@@ -1,15 +1,19 @@
 """Write calibration data as webdataset tar shards plus a ``metadata.json`` manifest.
 
 Shards let every rank read only its own files (shard i goes to rank i % world_size), and the
-manifest records per-shard sample counts and byte sizes so the loader can refuse an
-impossible or damaged set-up before any model runs. Each sample is one ``.pth`` tensor per
+manifest records per-shard sample counts, byte sizes and sha256 digests so the loader can
+refuse an impossible or damaged set-up before any model runs (``torch.load`` checks no CRC:
+a flipped byte inside a sample would otherwise load as a wrong token id). Existing shards
+are never overwritten unless asked (``overwrite=True``). Each sample is one ``.pth`` tensor per
 field (``input_ids`` for text; ``inputs`` and ``targets`` for tensor data), saved with
 ``torch.save`` and read back with ``weights_only=True``, so any torch dtype round-trips.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -38,12 +42,18 @@ def bundled_text_path(split: str = "train") -> Path:
 def load_tensor(path: str | Path) -> torch.Tensor:
     """Load one tensor from a ``.pt``/``.pth`` (torch.save) or ``.npy`` file, without unpickling code."""
     path = Path(path)
-    if path.suffix in (".pt", ".pth"):
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
-    elif path.suffix == ".npy":
-        tensor = torch.from_numpy(np.load(path, allow_pickle=False))
-    else:
+    if path.suffix not in (".pt", ".pth", ".npy"):
         raise ValueError(f"cannot load a tensor from {path}: expected a .pt, .pth or .npy file")
+    if not path.is_file():
+        raise ValueError(f"tensor file {path} does not exist (or is not a file); check the path")
+    try:
+        if path.suffix == ".npy":
+            tensor = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path} is not a readable {path.suffix} tensor file ({_one_line(err)}); "
+                         "save one tensor with torch.save or numpy.save") from None
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{path} holds a {type(tensor).__name__}, not a tensor; save one tensor per file")
     return tensor
@@ -58,6 +68,7 @@ def write_text_shards(
     tokenizer: str | None = None,
     max_samples: int | None = None,
     prefix: str = "calib",
+    overwrite: bool = False,
 ) -> list[Path]:
     """Tokenise the concatenated files and shard non-overlapping ``seq_len`` windows in file order.
 
@@ -85,7 +96,7 @@ def write_text_shards(
         "sources": [str(f) for f in text_files],
     }
     samples = ({"input_ids": window} for window in windows)
-    return _write_shards(samples, num_windows, Path(out_dir), samples_per_shard, prefix, metadata)
+    return _write_shards(samples, num_windows, Path(out_dir), samples_per_shard, prefix, metadata, overwrite)
 
 
 def write_tensor_shards(
@@ -95,6 +106,7 @@ def write_tensor_shards(
     *,
     samples_per_shard: int,
     prefix: str = "calib",
+    overwrite: bool = False,
 ) -> list[Path]:
     """Shard (input, target) pairs for non-text models: sample i is row i of each tensor."""
     check_positive(samples_per_shard=samples_per_shard)
@@ -118,7 +130,7 @@ def write_tensor_shards(
         "target_dtype": str(targets.dtype),
     }
     samples = ({"inputs": x, "targets": y} for x, y in zip(inputs, targets))
-    return _write_shards(samples, len(inputs), Path(out_dir), samples_per_shard, prefix, metadata)
+    return _write_shards(samples, len(inputs), Path(out_dir), samples_per_shard, prefix, metadata, overwrite)
 
 
 def _tokenize(files: list[Path], tokenizer: str | None) -> tuple[torch.Tensor, int]:
@@ -131,8 +143,16 @@ def _tokenize(files: list[Path], tokenizer: str | None) -> tuple[torch.Tensor, i
         return torch.frombuffer(data, dtype=torch.uint8).to(torch.int64), BYTE_VOCAB_SIZE
     from transformers import AutoTokenizer  # optional dependency, only for this branch
 
-    hf_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    text = "".join(f.read_text(encoding="utf-8") for f in files)
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"tokenizer {tokenizer} cannot be loaded ({_one_line(err)[:300]}); pass a "
+                         "local directory saved with tokenizer.save_pretrained()") from None
+    try:
+        text = "".join(f.read_text(encoding="utf-8") for f in files)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"a text file is not UTF-8 ({err.reason} at byte {err.start}); convert it, "
+                         "or drop --tokenizer to cut raw bytes") from None
     ids = hf_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.int64), len(hf_tokenizer)
 
@@ -144,9 +164,10 @@ def _write_shards(
     samples_per_shard: int,
     prefix: str,
     metadata: dict,
+    overwrite: bool,
 ) -> list[Path]:
     """Write samples with ``wds.ShardWriter`` and record the manifest the loader validates against."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _make_room(out_dir, overwrite)
     written: list[str] = []
     # mtime=0 makes the tar bytes a pure function of the samples (reproducible shards).
     with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=samples_per_shard,
@@ -158,11 +179,44 @@ def _write_shards(
     paths = [Path(name) for name in written]
     counts = [min(samples_per_shard, num_samples - i * samples_per_shard) for i in range(len(paths))]
     metadata["num_samples"] = num_samples
-    metadata["shards"] = [{"name": p.name, "num_samples": n, "num_bytes": p.stat().st_size}
-                          for p, n in zip(paths, counts)]
+    metadata["shards"] = [{"name": p.name, "num_samples": n, "num_bytes": p.stat().st_size,
+                           "sha256": file_sha256(p)} for p, n in zip(paths, counts)]
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     logger.info("wrote %d %s samples in %d shards to %s", num_samples, metadata["kind"], len(paths), out_dir)
     return paths
+
+
+def _make_room(out_dir: Path, overwrite: bool) -> None:
+    """Create ``out_dir``; shards already there are refused, or with ``overwrite`` the ones
+    its manifest lists are removed first (so no stale shard outlives the new manifest)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a directory; choose another output directory")
+    manifest = out_dir / METADATA_FILE
+    existing = sorted(p.name for p in out_dir.glob("*.tar")) if out_dir.is_dir() else []
+    if not overwrite and (manifest.exists() or existing):
+        raise ValueError(f"{out_dir} already holds shards ({METADATA_FILE if manifest.exists() else existing[0]}); "
+                         "choose another directory, or pass --overwrite (overwrite=True) to replace them")
+    if overwrite and manifest.is_file():
+        try:
+            listed = [entry["name"] for entry in json.loads(manifest.read_text())["shards"]]
+        except (ValueError, KeyError, TypeError):
+            listed = []
+        for name in listed:
+            (out_dir / Path(name).name).unlink(missing_ok=True)
+        manifest.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:

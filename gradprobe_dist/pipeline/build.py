@@ -102,13 +102,27 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist: train or export the model "
                                 "first, or clear model.path")
+    try:  # a damaged or foreign file: safetensors, zip and unpickling errors all differ
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(path, "pt"):
+                pass
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"weights file {path} cannot be read ({type(err).__name__}: {err}); point "
+                         "model.path at a .safetensors file or a torch state dict (.pt)") from None
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_model
 
             missing, unexpected = load_model(model, path, strict=False)
         else:
-            result = model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
+            if not isinstance(state, dict):
+                raise ValueError(f"weights file {path} holds a {type(state).__name__}, not a state dict; "
+                                 "save model.state_dict()")
+            result = model.load_state_dict(state, strict=False)
             missing, unexpected = result.missing_keys, result.unexpected_keys
     except RuntimeError as err:  # shape mismatches
         raise ValueError(f"weights file {path} does not fit the configured model ({err}); "

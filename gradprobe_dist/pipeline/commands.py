@@ -49,6 +49,7 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def prune(args):
     job, cfg, env = _job(args)
+    check_output_dir(cfg)
     with job:
         before = job.evaluate() if args.eval else None
         result = job.run(restart=args.restart)
@@ -71,7 +72,12 @@ def prune(args):
 
 
 def sweep(args):
-    job, _, _ = _job(args)
+    if args.out:
+        check_new_output(args.out, args.overwrite, "--out")
+    job, cfg, _ = _job(args)
+    if not cfg.data.eval_shards:
+        raise ConfigError("sweep evaluates every threshold, but data.eval_shards is not set: point "
+                          "it at evaluation shards (`gradprobe make-shards --bundled valid --out DIR`)")
     with job:
         results = job.sweep(show_progress=not args.quiet)
     lines = ["threshold  sparsity  weights_pruned  metric"]
@@ -86,12 +92,16 @@ def sweep(args):
 
 
 def validate(args):
-    """Parse and check the config, plan the stages of a built-in model; nothing runs."""
-    cfg = load_config(args.config, args.overrides)
+    """Parse and check the config and what it points at (weights, shards), plan the stages
+    of a built-in model; nothing is probed or written."""
+    cfg = _config_with_weights(args)
+    inputs = check_inputs(cfg)
     stages = plan_stages_of(cfg)
     if not is_main_process():
         return None
     _say(args, dump_config(cfg).rstrip())
+    for line in inputs:
+        _say(args, f"# {line}")
     if stages is not None:
         for i, stage in enumerate(stages):
             _say(args, f"# stage {i + 1}/{len(stages)}: {len(stage)} layers ({stage[0]} ... {stage[-1]})")
@@ -103,6 +113,58 @@ def validate(args):
                    + ", ".join(f"{100 * v:.2f}%" for v in values))
     _say(args, f"# config OK; mask fingerprint {cfg.fingerprint()[:16]}")
     return {"config": dataclasses.asdict(cfg), "mask_fingerprint": cfg.fingerprint(), "stages": stages}
+
+
+def check_inputs(cfg: RunConfig) -> list[str]:
+    """What prune would read, read now (weights, calibration and evaluation samples, as one
+    rank would): a missing, unreadable or mismatched input fails validate, not a later run."""
+    from gradprobe_dist.data.loader import calibration_batches
+
+    lines, vocab_size = [], _vocab_size_of(cfg)
+    if cfg.model.path:
+        lines.append(f"model.path {cfg.model.path}: loads" + (f" (vocabulary {vocab_size})" if vocab_size else ""))
+    for key, shards, batches in (("data.shards", cfg.data.shards, cfg.prune.num_batches),
+                                 ("data.eval_shards", cfg.data.eval_shards, cfg.data.eval_batches)):
+        if shards:
+            calibration_batches(shards, micro_batch_size=cfg.data.micro_batch_size, num_batches=batches,
+                                vocab_size=vocab_size)
+            lines.append(f"{key} {shards}: {batches} batches of {cfg.data.micro_batch_size} samples "
+                         "read and checked (one rank's share)")
+    check_output_dir(cfg)
+    return lines
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ConfigError(f"output_dir {cfg.output_dir} is a file: name a directory for the mask checkpoint")
+
+
+def _vocab_size_of(cfg: RunConfig) -> int | None:
+    """The token vocabulary of the configured model, its weights loaded (a built-in model)
+    or its config.json read (a Hugging Face directory, which stays unloaded)."""
+    if cfg.model.kind == "hf":
+        config = Path(cfg.model.path) / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"model.path {cfg.model.path} holds no config.json: point it at "
+                                    "a directory saved with save_pretrained()")
+        try:
+            return json.loads(config.read_text()).get("vocab_size")
+        except ValueError as err:
+            raise ValueError(f"{config} is not valid JSON ({err}); re-save the model") from None
+    from gradprobe_dist.data.loader import token_vocab_size
+    from gradprobe_dist.pipeline.build import build_model
+
+    return token_vocab_size(build_model(cfg.model))
+
+
+def check_new_output(path: str | Path, overwrite: bool, option: str) -> None:
+    """Refuse to replace an existing file unless --overwrite; a directory is never a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a directory: name a file")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{option} {path} already exists: choose another path, or pass --overwrite "
+                         "to replace it")
 
 
 def plan_stages_of(cfg: RunConfig) -> list[list[str]] | None:
@@ -131,12 +193,15 @@ def make_shards(args):
         if not args.targets:
             raise ValueError("--inputs needs --targets (a .pt/.npy tensor of the same length)")
         paths = write_tensor_shards(args.inputs, args.targets, args.out,
-                                    samples_per_shard=args.samples_per_shard)
+                                    samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
     else:
+        if args.targets:
+            raise ValueError("--targets goes with --inputs (tensor data); text shards need none")
         files = [bundled_text_path(args.bundled)] if args.bundled else args.text
         paths = write_text_shards(files, args.out, seq_len=args.seq_len,
                                   samples_per_shard=args.samples_per_shard,
-                                  tokenizer=args.tokenizer, max_samples=args.max_samples)
+                                  tokenizer=args.tokenizer, max_samples=args.max_samples,
+                                  overwrite=args.overwrite)
     _say(args, f"wrote {len(paths)} shards to {args.out}")
     return {"shards": [str(p) for p in paths]}
 
@@ -149,6 +214,12 @@ def train(args):
     from gradprobe_dist.pipeline.train import train_model
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.model.kind == "hf":
+        raise ConfigError("train builds a built-in model (model.kind tinygpt or mlp), not a Hugging "
+                          "Face one: fine-tune that with transformers, then prune it")
+    if args.steps < 1 or not args.lr > 0:
+        raise ValueError(f"--steps={args.steps} must be >= 1 and --lr={args.lr} > 0")
+    check_new_output(args.out, args.overwrite, "--out")
     if not is_main_process():
         return None
     torch.manual_seed(cfg.seed)
@@ -246,6 +317,8 @@ def plot(args):
 
     if not args.max_threshold > 0:
         raise ValueError(f"--max-threshold={args.max_threshold} must be > 0, e.g. 0.5")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file: name a directory for the PNG files")
     paths = plot_checkpoint(args.directory, args.out,
                             thresholds=[args.max_threshold * i / 100 for i in range(101)])
     if not args.json:

@@ -39,7 +39,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from gradprobe_dist.parallel import Backend, build_backend
 from gradprobe_dist.checkpoint.store import MaskCheckpoint, model_fingerprint
 from gradprobe_dist.pipeline.config import RunConfig
-from gradprobe_dist.data.loader import calibration_batches
+from gradprobe_dist.data.loader import calibration_batches, token_vocab_size
 from gradprobe_dist.runtime.env import DistEnv
 from gradprobe_dist.pipeline.evaluate import evaluate
 from gradprobe_dist.pipeline.build import build_model
@@ -209,7 +209,7 @@ class PruneJob:
             self._calibration = calibration_batches(
                 self.cfg.data.shards, micro_batch_size=self.cfg.data.micro_batch_size,
                 num_batches=self.cfg.prune.num_batches, rank=self.env.rank,
-                world_size=self.env.world_size)
+                world_size=self.env.world_size, vocab_size=token_vocab_size(self.model))
         return self._calibration
 
     def on_main(self, fn):
@@ -304,6 +304,7 @@ class PruneJob:
         start = time.perf_counter()
         cfg = self.cfg.prune
         strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
+        _ = self.calibration  # bad data fails here, before a checkpoint records its path
         result = PruneResult(stages=len(self.stages) * cfg.rounds, stages_skipped=0)
         bars = bars_wanted(self.show_progress)
         with logging_redirect_tqdm([logging.getLogger("gradprobe_dist")]) if bars else nullcontext():
@@ -458,7 +459,8 @@ class PruneJob:
         if self._eval_batches is None:
             self._eval_batches = calibration_batches(
                 data.eval_shards, micro_batch_size=data.micro_batch_size,
-                num_batches=data.eval_batches, rank=self.env.rank, world_size=self.env.world_size)
+                num_batches=data.eval_batches, rank=self.env.rank, world_size=self.env.world_size,
+                vocab_size=token_vocab_size(self.model))
         wrapped = self.backend.prepare(self.model, self.names)
         try:
             return evaluate(wrapped, self._eval_batches, self.backend)
