@@ -78,8 +78,7 @@ def test_a_failing_layer_write_keeps_the_previous_checkpoint_and_resume_complete
         real_write(path, payload)
 
     monkeypatch.setattr(checkpoint_module, "atomic_write", failing_write)
-    with pytest.raises(OSError, match="No space left"):
-        cli.main(["prune", "--config", str(config), "--quiet"])
+    assert cli.main(["prune", "--config", str(config), "--quiet"]) == 2  # one ERROR line: disk full
     monkeypatch.undo()
 
     kept = MaskCheckpoint.read(masks)
