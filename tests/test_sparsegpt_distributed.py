@@ -1,11 +1,13 @@
 """Distributed SparseGPT: at 2 real gloo ranks (DDP, FSDP2 row shards, ZeRO-3 flat partitions)
 the masks and updated weights equal one process's on the same global batches, unstructured
-and 2:4, with and without a veto, GPT-2's transposed Conv1D included."""
+and 2:4, with and without a veto, GPT-2's transposed Conv1D included; so do GradProbe's
+mode="sparsegpt" (the probe's veto inside SparseGPT)."""
 import pytest
 import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
+from gradprobe_dist import GradProbe, WandaPruning
 from gradprobe_dist.parallel import build_backend
 from gradprobe_dist.parallel.local import LocalBackend
 from gradprobe_dist.reconstruct.pruner import SparseGPT
@@ -66,16 +68,30 @@ def _prune(backend, rank, world, pattern, veto):
 
 
 CASES = [(None, False), (None, True), ("2:4", True)]  # (pattern, veto)
+PROBED = [None, "2:4"]
+
+
+def _probe_then_sparsegpt(backend, rank, world, pattern):
+    """GradProbe's mode="sparsegpt": Wanda candidates, the top 20% of ratios vetoed."""
+    model = Net()
+    probe = GradProbe(model, WandaPruning(pattern=pattern), backend=backend)
+    masks = probe.prune(_batches(rank, world), nn.CrossEntropyLoss(), 0.5, 4, mode="sparsegpt",
+                        veto_fraction=0.2)
+    backend.prepare(model, probe.param_names)
+    return ({n: backend.gather_full(n, m) for n, m in masks.items()},
+            {n: backend.gather_full(n, backend.local_weight(n).detach().clone()) for n in probe.param_names})
 
 
 def _ranked(rank, world, mode):
-    return [_prune(build_backend(mode, torch.device("cpu")), rank, world, pattern, veto)
-            for pattern, veto in CASES]
+    plain = [_prune(build_backend(mode, torch.device("cpu")), rank, world, pattern, veto)
+             for pattern, veto in CASES]
+    return plain, [_probe_then_sparsegpt(build_backend(mode, torch.device("cpu")), rank, world, p)
+                   for p in PROBED]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "zero3"])
 def test_two_ranks_equal_one_process(mode):
-    results = run_ranks(_ranked, 2, mode, timeout=400, env={"DS_ACCELERATOR": "cpu"})[0]
+    results, probed = run_ranks(_ranked, 2, mode, timeout=500, env={"DS_ACCELERATOR": "cpu"})[0]
     dense = dict(Net().named_parameters())
     vetoes = _full_vetoes(Net())
     for (pattern, veto), (masks, weights) in zip(CASES, results):
@@ -95,6 +111,14 @@ def test_two_ranks_equal_one_process(mode):
                 else:
                     assert not (rows & vetoed).any(), name
             where = f"{mode} {pattern} veto={veto} {name}"
+            assert torch.equal(masks[name].reshape(mask.shape), mask), where
+            torch.testing.assert_close(weights[name].reshape(mask.shape), weights_ref[name], rtol=1e-4,
+                                       atol=1e-5, msg=lambda m: f"{where}: {m}")
+    for pattern, (masks, weights) in zip(PROBED, probed):
+        masks_ref, weights_ref = _probe_then_sparsegpt(LocalBackend(device="cpu"), 0, 1, pattern)
+        for name, mask in masks_ref.items():
+            assert 0.45 < float(mask.float().mean()) <= 0.5 + 1e-6, name
+            where = f"{mode} GradProbe+SparseGPT {pattern} {name}"
             assert torch.equal(masks[name].reshape(mask.shape), mask), where
             torch.testing.assert_close(weights[name].reshape(mask.shape), weights_ref[name], rtol=1e-4,
                                        atol=1e-5, msg=lambda m: f"{where}: {m}")

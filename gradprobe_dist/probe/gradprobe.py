@@ -25,7 +25,9 @@ from gradprobe_dist.strategies.allocation import Allocation, allocate, owl_score
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.parallel.local import LocalBackend
 from gradprobe_dist.probe.batches import LossOfBatch, make_loss_of_batch, take_batches, to_device
+from gradprobe_dist.probe.veto import check_fraction, probe_vetoes
 from gradprobe_dist.reconstruct.apply import average_over_ranks, collect_input_hessians, compensate
+from gradprobe_dist.reconstruct.layers import sparsegpt_masks
 from gradprobe_dist.probe.decision import LayerProbe, ProbeRecord, check_nm, lowest_in_groups
 from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.masking import MaskHooks, keep_pruned
@@ -88,7 +90,8 @@ class GradProbe:
               gradient_threshold: float = 0.0, verbose: bool = False, *,
               compute_loss: LossOfBatch | None = None, mode: str = "threshold",
               oversample: float = 1.5, target_scope: str = "layer",
-              allocation: Allocation | None = None, reconstruct: bool = False) -> dict[str, torch.Tensor]:
+              allocation: Allocation | None = None, reconstruct: bool = False,
+              veto_fraction: float | None = None) -> dict[str, torch.Tensor]:
         """Probe and prune in place; returns masks (True = pruned) keyed by parameter name.
 
         ``mode="threshold"`` (the original): prune the selected weights whose gradient did not
@@ -102,30 +105,40 @@ class GradProbe:
         measurements, the latter in target mode only); ``self.layer_sparsity`` records it.
         ``reconstruct=True`` then updates the kept weights of every Linear layer with
         SparseGPT's OBS update, the mask held fixed (``gradprobe_dist.reconstruct.apply``).
-        Masks have the local shape of each weight (the full shape unless the backend shards).
+        ``mode="sparsegpt"``: SparseGPT chooses exactly ``sparsity`` (or N:M) and updates the
+        kept weights, with the probe as a veto: of the ``oversample`` x ``sparsity``
+        candidates, those whose gradient ratio exceeds ``1 + gradient_threshold`` (or, with
+        ``veto_fraction``, that share of each layer's candidates with the highest ratios) are
+        pruned only when SparseGPT's quota cannot be met without them
+        (``gradprobe_dist.probe.veto``). Masks have the local shape of each weight (the full shape unless the backend shards).
         ``compute_loss(model, batch) -> loss`` replaces the default batch handling.
         """
         check_prune_args(sparsity, num_batches, reduction_factor, gradient_threshold)
         check_mode(mode, oversample, target_scope)
+        check_fraction(veto_fraction)
         self._check_pattern(sparsity)
         self._check_allocation(allocation, mode, target_scope)
         record = self.probe(dataloader, loss_fn, sparsity, num_batches, reduction_factor,
                             verbose, compute_loss=compute_loss, allocation=allocation,
-                            oversample=oversample if mode == "target" else 1.0,
-                            hessians=reconstruct)
+                            oversample=oversample if mode in ("target", "sparsegpt") else 1.0,
+                            hessians=reconstruct or mode == "sparsegpt")
         self.masks = self.decide(record, sparsity, mode=mode, gradient_threshold=gradient_threshold,
-                                 target_scope=target_scope, reconstruct=reconstruct)
+                                 target_scope=target_scope, reconstruct=reconstruct,
+                                 veto_fraction=veto_fraction)
         if verbose:
             self._report(record, sparsity)
         return self.masks
 
     def decide(self, record: ProbeRecord, sparsity: float, *, mode: str = "threshold",
                gradient_threshold: float = 0.0, target_scope: str = "layer",
-               reconstruct: bool = False) -> dict[str, torch.Tensor]:
+               reconstruct: bool = False, veto_fraction: float | None = None) -> dict[str, torch.Tensor]:
         """Turn a probe's record into masks and apply them (see ``prune`` for the options);
         the pipeline calls ``probe`` and ``decide`` separately to checkpoint in between."""
         check_mode(mode, 1.0, target_scope)
         check_threshold(gradient_threshold)
+        if mode == "sparsegpt":
+            return self._decide_with_sparsegpt(record, sparsity, gradient_threshold, veto_fraction,
+                                               reconstruct)
         if reconstruct and not record.hessians:
             raise ValueError("reconstruct=True needs the layers' input Hessians: call "
                              "probe(..., hessians=True) first")
@@ -285,6 +298,19 @@ class GradProbe:
                 w[layer.tentative] = layer.decided_values(masks[name]).to(w.device)
         self.backend.commit_weights(self.param_names)
         return masks
+
+    def _decide_with_sparsegpt(self, record: ProbeRecord, sparsity: float, gradient_threshold: float,
+                               veto_fraction: float | None, reconstruct: bool) -> dict[str, torch.Tensor]:
+        if reconstruct:
+            raise ValueError("mode='sparsegpt' updates the kept weights itself: drop reconstruct=True")
+        missing = [n for n in record.layers if n not in (record.hessians or {})]
+        if missing:
+            raise ValueError(f"mode='sparsegpt' needs the input Hessian of every probed layer "
+                             f"(probe(..., hessians=True), Linear layers only); {missing[0]!r} has none")
+        vetoes = probe_vetoes(self.backend, record, gradient_threshold, veto_fraction)
+        return sparsegpt_masks(self.backend, record.hessians, sparsity,
+                               nm=getattr(self.strategy, "nm", None), vetoes=vetoes,
+                               transposed=transposed_names(self.owners))
 
     def target_masks(self, record: ProbeRecord, sparsity: float, scope: str = "layer") -> dict[str, torch.Tensor]:
         """Exactly ``sparsity`` pruned (per layer / globally / N of every M), lowest gradient
@@ -502,6 +528,9 @@ class GradProbe:
     def _check_allocation(self, allocation: Allocation | None, mode: str, target_scope: str) -> None:
         if allocation is None or allocation.kind == "uniform":
             return
+        if mode == "sparsegpt":
+            raise ValueError("mode='sparsegpt' prunes every layer to the same sparsity: use the "
+                             "uniform allocation")
         if allocation.kind == "gradient" and mode != "target":
             raise ValueError("allocation kind 'gradient' decides layer sparsities from the probe's "
                              "ratios, so it needs mode='target'")
@@ -526,14 +555,15 @@ class GradProbe:
                              f"weights: pass sparsity={nm[0] / nm[1]} (got {sparsity})")
 
 
-MODES = ("threshold", "target")
+MODES = ("threshold", "target", "sparsegpt")
 TARGET_SCOPES = ("layer", "global")
 
 
 def check_mode(mode: str, oversample: float, target_scope: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown: use 'threshold' (prune what the probe "
-                         "finds redundant) or 'target' (reach the sparsity exactly)")
+                         "finds redundant), 'target' (reach the sparsity exactly) or 'sparsegpt' "
+                         "(SparseGPT's mask, the probe as a veto)")
     if isinstance(oversample, bool) or not isinstance(oversample, (int, float)) or oversample < 1.0:
         raise ValueError(f"oversample={oversample!r} must be a number >= 1: the target mode "
                          "probes oversample x sparsity candidates and keeps the best")

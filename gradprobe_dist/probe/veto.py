@@ -1,0 +1,47 @@
+"""The probe as a veto inside SparseGPT: which candidates SparseGPT should keep if it can.
+
+``mode="sparsegpt"`` lets SparseGPT choose the mask (its own order, its own quota per column
+block or N:M group) and gives it one extra fact per probed candidate: did the weight's
+gradient grow when the probe scaled it down? A vetoed weight ranks after every unvetoed one
+(``reconstruct.sparsegpt``), so the probe can only move SparseGPT's choice to the next-best
+weights in SparseGPT's order, never replace that order by the noisy ratio alone.
+
+Vetoed: the candidates whose gradient ratio new/old exceeds ``1 + gradient_threshold`` (what
+threshold mode would restore), or, with ``fraction``, the ``fraction`` of each layer's
+candidates with the highest ratios (exact over all ranks). Weights the strategy did not
+select carry no measurement and are never vetoed.
+"""
+from __future__ import annotations
+
+import torch
+
+from gradprobe_dist.parallel.base import Backend
+from gradprobe_dist.probe.decision import ProbeRecord, prune_decision
+from gradprobe_dist.strategies.base import count_to_select
+
+_FLOAT_MAX = torch.finfo(torch.float32).max
+
+
+def check_fraction(fraction: float | None) -> None:
+    if fraction is None:
+        return
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"veto_fraction={fraction!r} must be a number in [0, 1] (the share of each "
+                         "layer's candidates with the highest gradient ratio that SparseGPT keeps), "
+                         "or None to veto by gradient_threshold")
+
+
+def probe_vetoes(backend: Backend, record: ProbeRecord, gradient_threshold: float = 0.0,
+                 fraction: float | None = None) -> dict[str, torch.Tensor]:
+    """Local bool masks (True = vetoed) per probed weight; a collective with ``fraction``."""
+    check_fraction(fraction)
+    if fraction is None:
+        return {n: layer.expand(~prune_decision(layer.old, layer.new, gradient_threshold))
+                for n, layer in record.layers.items()}
+    names = list(record.layers)
+    candidates = backend.sum_over_shards(torch.tensor(
+        [float(record.layers[n].tentative.sum()) for n in names], dtype=torch.float64))
+    highest_first = [-record.layers[n].ratio().clamp(max=_FLOAT_MAX) for n in names]
+    picked = backend.select_smallest_each(highest_first, [count_to_select(int(c), fraction)
+                                                          for c in candidates.tolist()])
+    return {n: record.layers[n].expand(p) for n, p in zip(names, picked)}
