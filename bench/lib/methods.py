@@ -1,7 +1,8 @@
 """The pruners a benchmark compares GradProbe with, defined once: random, magnitude (per
-layer), Wanda (per row), SparseGPT (block after block, as the reference), a fixed mask with
-SparseGPT's OBS update of the kept weights ("reconstruction"), OWL per-layer sparsities,
-and a random pick among magnitude's candidates (the control for ranking by gradient ratio).
+layer), Wanda (per row), SparseGPT (the library's ``SparseGPT`` pruner, from the dense
+model's H or block after block as the reference), a fixed mask with SparseGPT's OBS update
+of the kept weights ("reconstruction"), OWL per-layer sparsities, and a random pick among
+magnitude's candidates (the control for ranking by gradient ratio).
 
 They prune a model in place from one ``Calibration``: the calibration batches of a seed and
 what the dense model's forward over them gives (Wanda's input norms, each Linear layer's
@@ -19,8 +20,8 @@ from gradprobe_dist import Allocation, MagnitudePruning, PruningStrategy, Random
 from gradprobe_dist.probe.decision import lowest_in_groups
 from gradprobe_dist.probe.params import find_prunable
 from gradprobe_dist.reconstruct.apply import collect_input_hessians
-from gradprobe_dist.reconstruct.obs import accumulate_hessian, reconstruct_with_mask
-from gradprobe_dist.reconstruct.sparsegpt import sparsegpt_prune
+from gradprobe_dist.reconstruct.obs import reconstruct_with_mask
+from gradprobe_dist.reconstruct.pruner import SparseGPT
 from gradprobe_dist.strategies import SelectionContext
 from gradprobe_dist.strategies.activations import collect_input_sq_norms
 from gradprobe_dist.strategies.allocation import allocate, owl_scores
@@ -55,7 +56,7 @@ def calibrate(model: nn.Module, batches: list, seed: int) -> Calibration:
 def forward_all(model: nn.Module, batches: list) -> None:
     with torch.no_grad():
         for batch in batches:
-            model(**batch) if isinstance(batch, dict) else model(batch[0])
+            forward(model, batch)
 
 
 def make_strategy(base: str, pattern: str | None = None) -> PruningStrategy:
@@ -73,16 +74,12 @@ def prune(base: str, model: nn.Module, sparsity: float, calibration: Calibration
     the kept weights from the dense model's H; ``allocation="owl"``: OWL's per-layer
     sparsities; ``oversample``: the candidate share of ``random_candidates``."""
     owners = find_prunable(model)
-    n, m = parse_pattern(pattern) or (0, 0)
     params = dict(model.named_parameters())
     if base == "sparsegpt":
-        sparsegpt_model(model, owners, calibration.batches, sparsity, n, m)
+        sparsegpt_block_after_block(model, calibration.batches, sparsity, pattern)
         return
     if base == "sparsegpt_dense_h":
-        with torch.no_grad():
-            for name in owners:
-                params[name].copy_(sparsegpt_prune(params[name], calibration.hessians[name], sparsity,
-                                                   prune_n=n, prune_m=m)[0])
+        SparseGPT(model, pattern=pattern).prune_from(calibration.hessians, sparsity)
         return
     context = SelectionContext.for_model(model, list(owners))
     context.input_sq_norms = calibration.input_sq_norms
@@ -127,33 +124,19 @@ def owl_layer_sparsity(context: SelectionContext, sparsity: float) -> dict[str, 
     return allocate(scores, numels, sparsity, owl.spread, owl.min_sparsity, owl.max_sparsity)
 
 
-def sparsegpt_model(model: nn.Module, owners: dict[str, nn.Module], calibration: list,
-                    sparsity: float, prune_n: int = 0, prune_m: int = 0) -> None:
-    """SparseGPT block after block, as the reference does for transformer blocks: layers
-    sharing a ``prefix.<index>`` name (one transformer block, one MLP layer) are pruned from
-    Hessians of the same forward, whose inputs already pass through the pruned earlier blocks."""
+def sparsegpt_block_after_block(model: nn.Module, batches: list, sparsity: float, pattern: str | None) -> None:
+    """SparseGPT as the reference runs it on transformers: the layers sharing a
+    ``prefix.<index>`` name (one transformer block, one MLP layer) pruned together, from
+    Hessians of a forward whose inputs already pass through the pruned earlier blocks."""
     blocks: dict[str, list[str]] = defaultdict(list)
-    for name in owners:
+    for name in find_prunable(model):
         parts = name.split(".")
         index = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 2)
         blocks[".".join(parts[:index + 1])].append(name)
-    params = dict(model.named_parameters())
     for names in blocks.values():
-        hessians = {n: torch.zeros(params[n].shape[1], params[n].shape[1]) for n in names}
-        seen = dict.fromkeys(names, 0)
+        SparseGPT(model, pattern=pattern, include=names).prune(batches, sparsity, len(batches), compute_loss=forward)
 
-        def hook_for(name):
-            def hook(module, inputs):
-                seen[name] = accumulate_hessian(hessians[name], inputs[0].detach(), seen[name])
-            return hook
 
-        handles = [owners[n].register_forward_pre_hook(hook_for(n)) for n in names]
-        try:
-            forward_all(model, calibration)
-        finally:
-            for handle in handles:
-                handle.remove()
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(sparsegpt_prune(params[n], hessians[n], sparsity,
-                                                prune_n=prune_n, prune_m=prune_m)[0])
+def forward(model: nn.Module, batch):
+    """One calibration batch through ``model`` (a dict batch is an LM's keyword arguments)."""
+    return model(**batch) if isinstance(batch, dict) else model(batch[0])
