@@ -257,13 +257,14 @@ def export(args):
     """Apply a mask checkpoint to the configured model on rank 0 and save it."""
     from gradprobe_dist.pipeline.build import save_weights
     from gradprobe_dist.masking import to_torch_prune
-    from gradprobe_dist.pipeline.job import build_configured_model
+    from gradprobe_dist.pipeline.job import apply_saved_weights, build_configured_model
 
     cfg = _config_with_weights(args)
     if not is_main_process():
         return None
     model = build_configured_model(cfg)
     masks = apply_masks(model, load_masks(args.masks))
+    apply_saved_weights(model, MaskCheckpoint.read(args.masks))  # SparseGPT's / reconstruction's updates
     if args.torch_prune:
         to_torch_prune(model, masks)
     if cfg.model.kind == "hf":

@@ -117,10 +117,17 @@ class PruneConfig:
     cache_prefix: bool = True
     #: where that cached output waits between the passes: same (as the activations) or cpu
     prefix_cache_device: Literal["same", "cpu"] = "same"
-    #: threshold: prune what the probe finds redundant (<= sparsity); target: exactly sparsity
-    mode: Literal["threshold", "target"] = "threshold"
-    #: target mode: candidates probed = oversample x sparsity
+    #: threshold: prune what the probe finds redundant (<= sparsity); target: exactly sparsity;
+    #: sparsegpt: exactly sparsity, SparseGPT's mask and OBS update with the probe as a veto
+    mode: Literal["threshold", "target", "sparsegpt"] = "threshold"
+    #: target/sparsegpt mode: candidates probed = oversample x sparsity
     oversample: float = 1.5
+    #: sparsegpt mode, which candidates SparseGPT keeps if it can: threshold (gradient ratio
+    #: above 1 + gradient_threshold), fraction (veto_fraction of each layer's highest ratios),
+    #: or none (plain SparseGPT: no probe, one forward pass per stage; the strategy only
+    #: supplies its N:M pattern)
+    veto: Literal["threshold", "fraction", "none"] = "threshold"
+    veto_fraction: float = 0.1
     target_scope: Literal["layer", "global"] = "layer"
     #: how the sparsity is spread over layers (kind: uniform | owl | gradient)
     allocation: Allocation = field(default_factory=Allocation)
@@ -160,11 +167,26 @@ class PruneConfig:
             raise ConfigError(f"prune.oversample={self.oversample} must be >= 1")
         if self.allocation.kind == "gradient" and self.mode != "target":
             raise ConfigError("prune.allocation.kind=gradient needs prune.mode=target")
+        self._check_sparsegpt()
         try:
             strategy = build_strategy(self.strategy, **self.strategy_options)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"prune.strategy_options: {err}") from None
         self._check_rounds(strategy)
+
+    def _check_sparsegpt(self) -> None:
+        if not 0.0 <= self.veto_fraction <= 1.0:
+            raise ConfigError(f"prune.veto_fraction={self.veto_fraction} must be in [0, 1]")
+        if self.mode != "sparsegpt":
+            return
+        unsupported = {"prune.reconstruct": self.reconstruct,
+                       "prune.allocation.kind": self.allocation.kind != "uniform",
+                       "prune.rounds": self.rounds != 1}
+        for key, used in unsupported.items():
+            if used:
+                raise ConfigError(f"prune.mode=sparsegpt does not combine with {key} (SparseGPT "
+                                  f"updates the kept weights itself, one shot, uniform sparsity): "
+                                  f"leave {key} at its default")
 
     def _check_rounds(self, strategy) -> None:
         """Rounds ramp a per-layer count up over all weights: nothing else may fix the count."""
@@ -219,6 +241,8 @@ class RunConfig:
             "gradient_threshold", "statistic", "stat_dtype", "stage_size", "stages", "mode",
             "oversample", "target_scope", "reconstruct")}
         fields["prune.allocation"] = dataclasses.asdict(p.allocation)
+        if p.mode == "sparsegpt":  # only then, so other runs keep their fingerprint
+            fields.update({"prune.veto": p.veto, "prune.veto_fraction": p.veto_fraction})
         if p.rounds > 1:
             fields.update({"prune.rounds": p.rounds, "prune.schedule": p.schedule})
         return {"model": self._model_fields(), **fields, "data.shards": self.data.shards,

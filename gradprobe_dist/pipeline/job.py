@@ -49,6 +49,7 @@ from gradprobe_dist.probe.params import find_prunable
 from gradprobe_dist.probe.prefix import block_list
 from gradprobe_dist.pipeline.plots import CARRIED_KEY, RATIO_KEY, ratio_tensors
 from gradprobe_dist.probe.gradprobe import GradProbe
+from gradprobe_dist.reconstruct.pruner import SparseGPT
 from gradprobe_dist.strategies import build_strategy
 
 log = get_logger(__name__)
@@ -88,6 +89,29 @@ class Round:
     @property
     def label(self) -> str:
         return f"round {self.number}/{self.count}, " if self.count > 1 else ""
+
+
+#: the extra checkpoint tensor holding a layer's weights as SparseGPT / reconstruction left them
+UPDATED_WEIGHT_KEY = "weight"
+
+
+def has_saved_weight(ckpt: MaskCheckpoint, name: str) -> bool:
+    return UPDATED_WEIGHT_KEY in ckpt.layer_info(name).get("tensors", [])
+
+
+def saved_weight(ckpt: MaskCheckpoint, name: str) -> torch.Tensor | None:
+    """The layer's weights as saved when the method changed more than the masked zeros."""
+    return ckpt.load_layer_tensors(name)[UPDATED_WEIGHT_KEY] if has_saved_weight(ckpt, name) else None
+
+
+def apply_saved_weights(model: nn.Module, ckpt: MaskCheckpoint) -> list[str]:
+    """Copy every saved layer weight of ``ckpt`` into the unwrapped ``model``; returns the names."""
+    params = dict(model.named_parameters())
+    names = [n for n in ckpt.completed() if has_saved_weight(ckpt, n)]
+    with torch.no_grad():
+        for name in names:
+            params[name].copy_(saved_weight(ckpt, name).reshape(params[name].shape))
+    return names
 
 
 def round_dir(output_dir: str | Path, number: int) -> Path:
@@ -278,8 +302,12 @@ class PruneJob:
         self.backend.prepare(self.model, self.names)
         try:
             for name in names:
+                weight = self.backend.local_weight(name)
                 with torch.no_grad():
-                    self.backend.local_weight(name).masked_fill_(self._local_mask(ckpt, name), 0)
+                    weight.masked_fill_(self._local_mask(ckpt, name), 0)
+                    if self.backend.broadcast_object(self.on_main(lambda: has_saved_weight(ckpt, name))):
+                        saved = self.on_main(lambda: saved_weight(ckpt, name))
+                        weight.copy_(self.backend.scatter_full(name, saved).reshape(weight.shape))
             self.backend.commit_weights(names)
         finally:
             self.backend.release()
@@ -311,7 +339,7 @@ class PruneJob:
             with tqdm(total=result.stages, desc="stages", disable=not bars) as bar:
                 if cfg.rounds == 1:
                     final, completed = self.open_checkpoint(restart)
-                    one_shot = Round(1, 1, cfg.sparsity, cfg.oversample if cfg.mode == "target" else 1.0)
+                    one_shot = Round(1, 1, cfg.sparsity, cfg.oversample if cfg.mode in ("target", "sparsegpt") else 1.0)
                     self._run_round(one_shot, final, completed, self.cfg.output_dir, strategy, result, bar)
                 else:
                     final = self._run_rounds(restart, strategy, result, bar)
@@ -395,31 +423,18 @@ class PruneJob:
                      len(self.stages), len(stage), stage[0], stage[-1])
         stage_start = time.perf_counter()
         before = self.read_local_masks(round_.previous, stage) if round_.number > 1 else {}
-        probe = GradProbe(self.model, strategy, backend=self.backend, statistic=cfg.statistic,
-                          stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=stage,
-                          extra_prunable=stage, cache_prefix=cfg.cache_prefix,
-                          prefix_cache_device=cfg.prefix_cache_device)
-        record = probe.probe(self.calibration, loss_fn_for(self.calibration), round_.sparsity,
-                             cfg.num_batches, cfg.reduction_factor, verbose=bars,
-                             oversample=round_.oversample,
-                             allocation=cfg.allocation if cfg.allocation.kind != "uniform" else None,
-                             hessians=cfg.reconstruct)
-        before = before or {n: torch.zeros_like(layer.tentative) for n, layer in record.layers.items()}
-        if round_.count == 1:
-            masks = probe.decide(record, cfg.sparsity, mode=cfg.mode, gradient_threshold=cfg.gradient_threshold,
-                                 target_scope=cfg.target_scope, reconstruct=cfg.reconstruct)
+        if cfg.mode == "sparsegpt" and cfg.veto == "none":
+            masks, counts, ratios = self._plain_sparsegpt(stage, strategy)
         else:
-            masks = probe.apply_masks(record, round_masks(self.backend, record, before, round_.sparsity,
-                                                          cfg.mode, cfg.gradient_threshold, cfg.target_scope))
-        counts = layer_counts(self.backend, record, before, masks)
-        # ratios of the weights this stage decided about; the manifest counts the carried ones
-        ratios = {n: r.masked_fill(before[n].to(r.device), float("nan"))
-                  for n, r in ratio_tensors(record).items()} if cfg.save_ratios else {}
+            masks, counts, ratios = self._probe_stage(stage, strategy, before, round_, bars)
+        # weights the method moved beyond the zeros: the checkpoint keeps them for export
+        updated = {n: self.backend.local_weight(n) for n in stage} if cfg.mode == "sparsegpt" or cfg.reconstruct else {}
         seconds = (time.perf_counter() - stage_start) / len(stage)
         written = []
         for name in stage:
             full = self.backend.gather_full(name, masks[name])
             ratio = self.backend.gather_full(name, ratios[name]) if name in ratios else None
+            weight = self.backend.gather_full(name, updated[name]) if name in updated else None
             if name in done:  # saved before an interruption: the probe must have agreed
                 self.on_main(lambda: self._check_agrees(ckpt, name, full))
                 continue
@@ -428,7 +443,9 @@ class PruneJob:
                      "seconds": round(seconds, 4), "stage": index}
             if round_.count > 1:
                 stats.update({"round": round_.number, CARRIED_KEY: c["carried"]})
-            tensors = {RATIO_KEY: ratio[~ratio.isnan()]} if ratio is not None else None
+            tensors = {RATIO_KEY: ratio[~ratio.isnan()]} if ratio is not None else {}
+            if weight is not None:
+                tensors[UPDATED_WEIGHT_KEY] = weight.reshape(full.shape)
             self.on_main(lambda: ckpt.save_layer(name, full, stats=stats, tensors=tensors))
             written.append(name)
             if self.show_progress:
@@ -437,6 +454,49 @@ class PruneJob:
                          index + 1, len(self.stages), name, "x".join(map(str, info["shape"])),
                          info["pruned"], info["numel"], 100 * info["sparsity"], info["restored"])
         return written
+
+    def _probe_stage(self, stage: list[str], strategy, before: dict[str, torch.Tensor], round_: Round,
+                     bars: bool) -> tuple[dict, dict, dict]:
+        """GradProbe on one stage: its local masks, per-layer counts and gradient ratios."""
+        cfg = self.cfg.prune
+        probe = GradProbe(self.model, strategy, backend=self.backend, statistic=cfg.statistic,
+                          stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=stage,
+                          extra_prunable=stage, cache_prefix=cfg.cache_prefix,
+                          prefix_cache_device=cfg.prefix_cache_device)
+        record = probe.probe(self.calibration, loss_fn_for(self.calibration), round_.sparsity,
+                             cfg.num_batches, cfg.reduction_factor, verbose=bars,
+                             oversample=round_.oversample,
+                             allocation=cfg.allocation if cfg.allocation.kind != "uniform" else None,
+                             hessians=cfg.reconstruct or cfg.mode == "sparsegpt")
+        before = before or {n: torch.zeros_like(layer.tentative) for n, layer in record.layers.items()}
+        if round_.count == 1:
+            masks = probe.decide(record, cfg.sparsity, mode=cfg.mode, gradient_threshold=cfg.gradient_threshold,
+                                 target_scope=cfg.target_scope, reconstruct=cfg.reconstruct,
+                                 veto_fraction=cfg.veto_fraction if cfg.veto == "fraction" else None)
+        else:
+            masks = probe.apply_masks(record, round_masks(self.backend, record, before, round_.sparsity,
+                                                          cfg.mode, cfg.gradient_threshold, cfg.target_scope))
+        # SparseGPT may prune weights the strategy never proposed: count only the candidates
+        decided = {n: m & record.layers[n].tentative for n, m in masks.items()} if cfg.mode == "sparsegpt" else masks
+        counts = layer_counts(self.backend, record, before, decided)
+        # ratios of the weights this stage decided about; the manifest counts the carried ones
+        ratios = {n: r.masked_fill(before[n].to(r.device), float("nan"))
+                  for n, r in ratio_tensors(record).items()} if cfg.save_ratios else {}
+        return masks, counts, ratios
+
+    def _plain_sparsegpt(self, stage: list[str], strategy) -> tuple[dict, dict, dict]:
+        """SparseGPT without a probe on one stage (earlier stages already pruned): its local
+        masks and per-layer counts (every pruned weight counts as a candidate it kept none of)."""
+        cfg = self.cfg.prune
+        nm = getattr(strategy, "nm", None)
+        pruner = SparseGPT(self.model, backend=self.backend, pattern=f"{nm[0]}:{nm[1]}" if nm else None,
+                           include=stage, extra_prunable=stage)
+        masks = pruner.prune(self.calibration, cfg.sparsity, cfg.num_batches,
+                             loss_fn=loss_fn_for(self.calibration))
+        pruned = self.backend.sum_over_shards(torch.tensor([float(masks[n].sum()) for n in stage],
+                                                           dtype=torch.float64)).long().tolist()
+        counts = {n: {"candidates": p, "newly_pruned": p, "carried": 0} for n, p in zip(stage, pruned)}
+        return masks, counts, {}
 
     @staticmethod
     def _check_agrees(ckpt: MaskCheckpoint, name: str, full: torch.Tensor) -> None:
