@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output: a directory (hf) or a .safetensors file")
     p.add_argument("--torch-prune", action="store_true",
                    help="save weight_orig + weight_mask (torch.nn.utils.prune) instead of plain zeros")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (never the source model)")
 
     p = sub.add_parser("fetch-model", help="convert a known pretrained model into a Hugging Face directory (cached)")
     p.add_argument("name", help="model name, e.g. smollm2-135m")

@@ -254,7 +254,9 @@ def eval(args):  # noqa: A001 - the subcommand's name
 
 
 def export(args):
-    """Apply a mask checkpoint to the configured model on rank 0 and save it."""
+    """Apply a mask checkpoint to the configured model on rank 0 and save it (see
+    ``pipeline/export.py``: never onto its sources, a non-empty target only with --overwrite)."""
+    from gradprobe_dist.pipeline import export as exporting
     from gradprobe_dist.pipeline.build import save_weights
     from gradprobe_dist.masking import to_torch_prune
     from gradprobe_dist.pipeline.job import apply_saved_weights, build_configured_model
@@ -262,20 +264,20 @@ def export(args):
     cfg = _config_with_weights(args)
     if not is_main_process():
         return None
+    exporting.check_target(args.out, {"model.path": cfg.model.path, "--masks": args.masks}, args.overwrite)
     model = build_configured_model(cfg)
     masks = apply_masks(model, load_masks(args.masks))
     apply_saved_weights(model, MaskCheckpoint.read(args.masks))  # SparseGPT's / reconstruction's updates
     if args.torch_prune:
         to_torch_prune(model, masks)
     if cfg.model.kind == "hf":
-        model.save_pretrained(args.out, safe_serialization=True)
+        exporting.write_hf(model, cfg.model.path, masks, args.out)
     elif args.torch_prune:
         import torch
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), args.out)
+        exporting.write_file(lambda path: torch.save(model.state_dict(), path), args.out)
     else:
-        save_weights(model, args.out)
+        exporting.write_file(lambda path: save_weights(model, path), args.out)
     _say(args, f"saved the pruned model ({len(masks)} masked weights) to {args.out}")
     return {"out": args.out, "masked": len(masks)}
 
