@@ -134,6 +134,7 @@ CASES = {
     "inspect a file": ("inspect {root}/run.yaml", None, r"not a mask checkpoint"),
     "plot missing": ("plot {tmp}/none --out {tmp}/png", None, r"not a mask checkpoint"),
     "plot --out a file": ("plot {root}/masks --out {root}/run.yaml", None, r"--out .*run.yaml is a file"),
+    "fetch-model unknown": ("fetch-model gpt-9 --out {tmp}/m", None, r"unknown model 'gpt-9': choose one of"),
     # -- make-shards and train
     "make-shards text missing": ("make-shards --text {tmp}/none.txt --out {tmp}/s", None, r"text files not found"),
     "make-shards over shards": ("make-shards --bundled valid --out {root}/data/valid", None,
