@@ -20,7 +20,7 @@ bash launch/torchrun.sh prune --config "$CONFIG" --eval "$@" | tee $RUN/gradprob
 SPARSITY=$(gp inspect $RUN/masks --json | python -c "import json,sys; r=json.load(sys.stdin); import math; print(sum(x['pruned'] for x in r)/sum(math.prod(x['shape']) for x in r))")
 echo "== Wanda alone at the same actual sparsity ($SPARSITY): every candidate pruned"
 bash launch/torchrun.sh prune --config "$CONFIG" --quiet prune.sparsity="$SPARSITY" \
-  prune.gradient_threshold=1.0e9 output_dir=$RUN/wanda
+  prune.gradient_threshold=1000000000.0 output_dir=$RUN/wanda
 bash launch/torchrun.sh eval --config "$CONFIG" --masks $RUN/wanda | tee $RUN/wanda.log
 python - "$RUN" "$SPARSITY" <<'PY'
 import re, sys
