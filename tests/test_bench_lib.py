@@ -59,6 +59,7 @@ def test_torchrun_module_records_every_ranks_peak_and_exit(tmp_path):
     assert result.returncode == 0, result.output[-2000:]
     assert [r["rank"] for r in result.ranks] == [0, 1]
     assert all(r["exit_code"] == 0 and r["peak_rss_bytes"] > MiB for r in result.ranks)
+    assert all(r["peak_cuda_bytes"] is None for r in result.ranks)  # json.tool never imports torch
     assert result.output.count('"a": 1') == 2
     alone = torchrun_module("json.tool", [str(tmp_path / "missing.json")], nproc=None, timeout=120)
     assert alone.returncode != 0 and [r["exit_code"] for r in alone.ranks] == [alone.returncode]

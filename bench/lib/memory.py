@@ -76,10 +76,21 @@ def return_freed_memory() -> bool:
     return ok
 
 
+def peak_cuda_bytes() -> int | None:
+    """Peak CUDA memory torch allocated in this process, None where it used no GPU (torch is
+    not imported for the question)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated()
+
+
 def write_peak_rss(directory: str | Path, rank: int, **extra) -> Path:
-    """Record this process's peak RSS as ``<directory>/rank-<rank>.json`` (see ``ranks``)."""
+    """Record this process's peak RSS (and peak CUDA memory) as ``<directory>/rank-<rank>.json``
+    (see ``ranks``)."""
     path = Path(directory) / f"rank-{rank}.json"
-    path.write_text(json.dumps({"rank": rank, "peak_rss_bytes": peak_rss_bytes(), **extra}))
+    path.write_text(json.dumps({"rank": rank, "peak_rss_bytes": peak_rss_bytes(),
+                                "peak_cuda_bytes": peak_cuda_bytes(), **extra}))
     return path
 
 

@@ -6,7 +6,8 @@
   failing fails the call with that rank's traceback; a hang past ``timeout`` kills them all.
 * ``torchrun_module(module, args, nproc)``: ``module`` (e.g. ``gradprobe_dist.cli``) as
   ``__main__`` on ``nproc`` ranks under torchrun (``nproc=None``: one plain process), each
-  wrapped by ``bench.lib.rank_rss`` so it records its peak RSS when the module exits.
+  wrapped by ``bench.lib.rank_rss`` so it records its peak RSS (and peak CUDA memory, where
+  it used a GPU) when the module exits.
 
 Compare per-rank peaks against ``memory.bare_import_peak_rss`` (the import-only floor).
 """
@@ -38,7 +39,7 @@ class TorchrunResult:
     returncode: int
     wall_s: float
     output: str
-    ranks: list[dict] = field(default_factory=list)  # {"rank", "peak_rss_bytes", "exit_code"} by rank
+    ranks: list[dict] = field(default_factory=list)  # {"rank", "peak_rss_bytes", "peak_cuda_bytes", "exit_code"}
 
 
 def free_port() -> int:
