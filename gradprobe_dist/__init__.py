@@ -1,6 +1,6 @@
 """GradProbe-dist: gradient-probing pruning, from one process to FSDP2 / ZeRO-3 ranks."""
 from gradprobe_dist.strategies.allocation import Allocation
-from gradprobe_dist.probe.decision import ProbeRecord
+from gradprobe_dist.probe.record import ProbeRecord
 from gradprobe_dist.pipeline.rounds import iterative_prune, schedule_values
 from gradprobe_dist.masking import from_torch_prune, to_torch_prune
 from gradprobe_dist.models import SimpleMLP, TinyGPT, TinyGPTConfig

@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from multiproc import run_ranks  # noqa: E402
 
-from gradprobe_dist.data.loader import calibration_batches, global_reference_batches, token_vocab_size  # noqa: E402
+from gradprobe_dist.data.loader import shard_batches, token_vocab_size  # noqa: E402
+from references import global_reference_batches  # noqa: E402
 from gradprobe_dist.data.shards import (  # noqa: E402
     bundled_text_path,
     load_tensor,
@@ -59,7 +60,7 @@ def test_text_shards_round_trip_bytes_across_files(tmp_path):
     assert [s["name"] for s in meta["shards"]] == [p.name for p in paths]
     assert [s["num_samples"] for s in meta["shards"]] == [5, 5, 5, 5]
 
-    batches = calibration_batches(tmp_path / "shards", micro_batch_size=4, num_batches=5)
+    batches = shard_batches(tmp_path / "shards", micro_batch_size=4, num_batches=5)
     assert len(batches) == 5
     for batch in batches:
         assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (4, SEQ_LEN)
@@ -74,7 +75,7 @@ def test_text_shards_keep_only_whole_windows_and_uneven_last_shard(tmp_path):
     meta = json.loads((tmp_path / "s" / "metadata.json").read_text())
     assert meta["num_samples"] == 16
     assert [s["num_samples"] for s in meta["shards"]] == [6, 6, 4]
-    batches = calibration_batches(tmp_path / "s", micro_batch_size=8, num_batches=2)
+    batches = shard_batches(tmp_path / "s", micro_batch_size=8, num_batches=2)
     assert torch.equal(_ids(batches), _byte_windows(text.read_bytes(), 16))
 
 
@@ -95,7 +96,7 @@ def test_hugging_face_tokenizer_directory(tmp_path):
     meta = json.loads((tmp_path / "s" / "metadata.json").read_text())
     assert meta["tokenizer"] == str(tmp_path / "tok") and meta["vocab_size"] == len(tokenizer)
     assert len(expected) == 13 * 8 and meta["num_samples"] == 13
-    batches = calibration_batches(tmp_path / "s", micro_batch_size=3, num_batches=4)
+    batches = shard_batches(tmp_path / "s", micro_batch_size=3, num_batches=4)
     assert torch.equal(_ids(batches), expected[:96].view(12, 8))
 
 
@@ -114,7 +115,7 @@ def test_tensor_shards_round_trip_dtypes_and_files(tmp_path):
     assert [s["num_samples"] for s in meta["shards"]] == [3, 3, 3, 1]
     assert meta["input_shape"] == [3, 4] and meta["input_dtype"] == "torch.bfloat16"
     assert meta["sources"] == [str(tmp_path / "x.pt"), str(tmp_path / "y.npy")]
-    batches = calibration_batches(tmp_path / "s", micro_batch_size=5, num_batches=2)
+    batches = shard_batches(tmp_path / "s", micro_batch_size=5, num_batches=2)
     assert all(isinstance(b, tuple) and len(b) == 2 for b in batches)
     assert torch.equal(torch.cat([b[0] for b in batches]), inputs)  # exact, dtype included
     assert torch.equal(torch.cat([b[1] for b in batches]), targets)
@@ -135,7 +136,7 @@ def test_each_rank_reads_its_own_shards_disjoint_and_covering(tmp_path):
     _numbered_tensor_shards(tmp_path, num_samples=24, samples_per_shard=3)  # 8 shards
     for world_size in (2, 4):
         per_rank = [
-            _ids(calibration_batches(tmp_path, micro_batch_size=3, num_batches=8 // world_size,
+            _ids(shard_batches(tmp_path, micro_batch_size=3, num_batches=8 // world_size,
                                      rank=r, world_size=world_size))[:, 0].long()
             for r in range(world_size)
         ]
@@ -150,14 +151,14 @@ def test_explicit_rank_wins_over_distributed_environment(tmp_path, monkeypatch):
     _numbered_tensor_shards(tmp_path, num_samples=8, samples_per_shard=2)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    ids = _ids(calibration_batches(tmp_path, micro_batch_size=4, num_batches=2))[:, 0]
+    ids = _ids(shard_batches(tmp_path, micro_batch_size=4, num_batches=2))[:, 0]
     assert torch.equal(ids, torch.arange(8.0))
 
 
 def test_global_reference_is_rank_ordered_concatenation(tmp_path):
     write_text_shards([bundled_text_path()], tmp_path, seq_len=SEQ_LEN, samples_per_shard=4, max_samples=24)
     reference = global_reference_batches(tmp_path, micro_batch_size=2, num_batches=3, world_size=2)
-    rank0, rank1 = (calibration_batches(tmp_path, micro_batch_size=2, num_batches=3, rank=r, world_size=2)
+    rank0, rank1 = (shard_batches(tmp_path, micro_batch_size=2, num_batches=3, rank=r, world_size=2)
                     for r in (0, 1))
     windows = _byte_windows(bundled_text_path().read_bytes(), 24).view(6, 4, SEQ_LEN)  # by shard
     assert len(reference) == 3
@@ -169,7 +170,7 @@ def test_global_reference_is_rank_ordered_concatenation(tmp_path):
 
 
 def _read_on_rank(rank, world_size, shard_dir):
-    batches = calibration_batches(shard_dir, micro_batch_size=2, num_batches=3, rank=rank, world_size=world_size)
+    batches = shard_batches(shard_dir, micro_batch_size=2, num_batches=3, rank=rank, world_size=world_size)
     return [b["input_ids"].tolist() for b in batches]
 
 
@@ -187,23 +188,23 @@ def test_reads_are_deterministic_and_shards_reproducible(tmp_path):
                           max_samples=16)
     shard_bytes = {out: [p.read_bytes() for p in sorted((tmp_path / out).glob("*.tar"))] for out in "ab"}
     assert len(shard_bytes["a"]) == 4 and shard_bytes["a"] == shard_bytes["b"]  # byte-identical tars
-    first = calibration_batches(tmp_path / "a", micro_batch_size=2, num_batches=4, rank=1, world_size=2)
-    second = calibration_batches(tmp_path / "a", micro_batch_size=2, num_batches=4, rank=1, world_size=2)
+    first = shard_batches(tmp_path / "a", micro_batch_size=2, num_batches=4, rank=1, world_size=2)
+    second = shard_batches(tmp_path / "a", micro_batch_size=2, num_batches=4, rank=1, world_size=2)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(first, second, strict=True))
 
 
 def test_shard_list_and_brace_pattern_select_shards(tmp_path):
     _numbered_tensor_shards(tmp_path, num_samples=12, samples_per_shard=3)  # 4 shards
     chosen = [tmp_path / "calib-000003.tar", tmp_path / "calib-000001.tar"]
-    ids = _ids(calibration_batches(chosen, micro_batch_size=3, num_batches=2))[:, 0]
+    ids = _ids(shard_batches(chosen, micro_batch_size=3, num_batches=2))[:, 0]
     assert torch.equal(ids, torch.tensor([9.0, 10, 11, 3, 4, 5]))
     pattern = str(tmp_path / "calib-{000002..000003}.tar")
-    ids = _ids(calibration_batches(pattern, micro_batch_size=2, num_batches=3))[:, 0]
+    ids = _ids(shard_batches(pattern, micro_batch_size=2, num_batches=3))[:, 0]
     assert torch.equal(ids, torch.arange(6.0, 12.0))
     with pytest.raises(ValueError, match=r"\['calib-000009.tar'\] are not listed in .*metadata.json"):
-        calibration_batches(tmp_path / "calib-000009.tar", micro_batch_size=1, num_batches=1)
+        shard_batches(tmp_path / "calib-000009.tar", micro_batch_size=1, num_batches=1)
     with pytest.raises(ValueError, match="several directories"):
-        calibration_batches([chosen[0], tmp_path / "other" / "calib-000000.tar"], micro_batch_size=1,
+        shard_batches([chosen[0], tmp_path / "other" / "calib-000000.tar"], micro_batch_size=1,
                             num_batches=1)
 
 
@@ -212,35 +213,35 @@ def test_shard_list_and_brace_pattern_select_shards(tmp_path):
 
 def test_no_shards_found(tmp_path):
     with pytest.raises(ValueError, match="no shards found.*write_text_shards"):
-        calibration_batches(tmp_path, micro_batch_size=1, num_batches=1)
+        shard_batches(tmp_path, micro_batch_size=1, num_batches=1)
     with pytest.raises(ValueError, match="no shards found"):
-        calibration_batches([], micro_batch_size=1, num_batches=1)
+        shard_batches([], micro_batch_size=1, num_batches=1)
     with pytest.raises(ValueError, match=f"no shards found: {tmp_path / 'absent'}/metadata.json does not exist"):
-        calibration_batches(tmp_path / "absent", micro_batch_size=1, num_batches=1)
+        shard_batches(tmp_path / "absent", micro_batch_size=1, num_batches=1)
     (tmp_path / "stray.tar").write_bytes(b"")
     with pytest.raises(ValueError, match="1 tar files there, e.g. stray.tar, have no manifest"):
-        calibration_batches(tmp_path, micro_batch_size=1, num_batches=1)
+        shard_batches(tmp_path, micro_batch_size=1, num_batches=1)
 
 
 def test_fewer_shards_than_ranks(tmp_path):
     _numbered_tensor_shards(tmp_path, num_samples=4, samples_per_shard=2)
     with pytest.raises(ValueError, match="2 shards for 3 ranks; write at least 3 shards.*samples_per_shard"):
-        calibration_batches(tmp_path, micro_batch_size=1, num_batches=1, rank=0, world_size=3)
+        shard_batches(tmp_path, micro_batch_size=1, num_batches=1, rank=0, world_size=3)
 
 
 def test_rank_with_too_few_samples_fails_on_every_rank(tmp_path):
     _numbered_tensor_shards(tmp_path, num_samples=18, samples_per_shard=4)  # shards 4,4,4,4,2: ranks 10 and 8
-    calibration_batches(tmp_path, micro_batch_size=4, num_batches=2, rank=1, world_size=2)  # 8 fit
+    shard_batches(tmp_path, micro_batch_size=4, num_batches=2, rank=1, world_size=2)  # 8 fit
     for rank in (0, 1):
         with pytest.raises(ValueError, match=r"rank 1 has 8 samples.*needs micro_batch_size\*num_batches = 9"):
-            calibration_batches(tmp_path, micro_batch_size=3, num_batches=3, rank=rank, world_size=2)
+            shard_batches(tmp_path, micro_batch_size=3, num_batches=3, rank=rank, world_size=2)
 
 
 def test_missing_shard_listed_in_metadata(tmp_path):
     _numbered_tensor_shards(tmp_path, num_samples=8, samples_per_shard=2)
     (tmp_path / "calib-000001.tar").unlink()
     with pytest.raises(ValueError, match="missing.*calib-000001.tar"):
-        calibration_batches(tmp_path, micro_batch_size=1, num_batches=1, rank=0, world_size=2)
+        shard_batches(tmp_path, micro_batch_size=1, num_batches=1, rank=0, world_size=2)
 
 
 def test_truncated_shard_is_named(tmp_path):
@@ -248,7 +249,7 @@ def test_truncated_shard_is_named(tmp_path):
     shard = tmp_path / "calib-000001.tar"
     shard.write_bytes(shard.read_bytes()[:3000])
     with pytest.raises(ValueError, match="calib-000001.tar is 3000 bytes.*truncated"):
-        calibration_batches(tmp_path, micro_batch_size=1, num_batches=1)
+        shard_batches(tmp_path, micro_batch_size=1, num_batches=1)
 
 
 @pytest.mark.parametrize("cut, message", [
@@ -264,7 +265,7 @@ def test_truncated_shard_with_matching_metadata_is_caught_by_reading(tmp_path, c
     meta["shards"][0]["num_bytes"] = cut  # the size check passes: only reading the tar can tell
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=message):
-        calibration_batches(tmp_path, micro_batch_size=1, num_batches=1)
+        shard_batches(tmp_path, micro_batch_size=1, num_batches=1)
 
 
 def test_corrupt_shard_header_is_named(tmp_path):
@@ -274,7 +275,7 @@ def test_corrupt_shard_header_is_named(tmp_path):
     data[:512] = b"\xff" * 512  # same size, garbage first header
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="calib-000000.tar is truncated or corrupt"):
-        calibration_batches(tmp_path, micro_batch_size=1, num_batches=1)
+        shard_batches(tmp_path, micro_batch_size=1, num_batches=1)
 
 
 def test_changed_byte_inside_a_sample_is_caught_by_the_digest(tmp_path):
@@ -283,22 +284,22 @@ def test_changed_byte_inside_a_sample_is_caught_by_the_digest(tmp_path):
     data = bytearray(shard.read_bytes())
     data[-2000] ^= 1  # same size, tar headers intact: only the digest can tell
     shard.write_bytes(bytes(data))
-    calibration_batches(tmp_path, micro_batch_size=4, num_batches=1)  # shard 0 alone is fine
+    shard_batches(tmp_path, micro_batch_size=4, num_batches=1)  # shard 0 alone is fine
     with pytest.raises(ValueError, match="calib-000001.tar is truncated or corrupt: its sha256 differs"):
-        calibration_batches(tmp_path, micro_batch_size=4, num_batches=2)
+        shard_batches(tmp_path, micro_batch_size=4, num_batches=2)
 
 
 def test_token_ids_are_checked_against_the_models_vocabulary(tmp_path):
     from gradprobe_dist.models import SimpleMLP, TinyGPT, TinyGPTConfig
 
     write_text_shards([bundled_text_path()], tmp_path / "text", seq_len=SEQ_LEN, samples_per_shard=4, max_samples=8)
-    assert len(calibration_batches(tmp_path / "text", micro_batch_size=4, num_batches=2, vocab_size=256)) == 2
+    assert len(shard_batches(tmp_path / "text", micro_batch_size=4, num_batches=2, vocab_size=256)) == 2
     with pytest.raises(ValueError, match=r"tokenised with 'bytes' \(vocabulary 256\), but the model's vocabulary "
                                          r"has 100 tokens"):
-        calibration_batches(tmp_path / "text", micro_batch_size=4, num_batches=2, vocab_size=100)
+        shard_batches(tmp_path / "text", micro_batch_size=4, num_batches=2, vocab_size=100)
     _numbered_tensor_shards(tmp_path / "tensor", num_samples=4, samples_per_shard=2)
     with pytest.raises(ValueError, match="hold tensor samples, but the model takes token ids"):
-        calibration_batches(tmp_path / "tensor", micro_batch_size=1, num_batches=1, vocab_size=256)
+        shard_batches(tmp_path / "tensor", micro_batch_size=1, num_batches=1, vocab_size=256)
     assert token_vocab_size(TinyGPT(TinyGPTConfig(vocab_size=100, n_layer=1, n_embd=8, n_head=2))) == 100
     assert token_vocab_size(SimpleMLP(4, [3], 2)) is None
 
@@ -319,11 +320,11 @@ def test_existing_shards_are_refused_and_overwrite_replaces_them(tmp_path):
 def test_bad_arguments_name_the_problem(tmp_path):
     _numbered_tensor_shards(tmp_path, num_samples=4, samples_per_shard=2)
     with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
-        calibration_batches(tmp_path, micro_batch_size=1, num_batches=1, rank=2, world_size=2)
+        shard_batches(tmp_path, micro_batch_size=1, num_batches=1, rank=2, world_size=2)
     with pytest.raises(ValueError, match="micro_batch_size must be at least 1"):
-        calibration_batches(tmp_path, micro_batch_size=0, num_batches=1)
+        shard_batches(tmp_path, micro_batch_size=0, num_batches=1)
     with pytest.raises(TypeError, match="num_batches must be an int"):
-        calibration_batches(tmp_path, micro_batch_size=1, num_batches=2.0)
+        shard_batches(tmp_path, micro_batch_size=1, num_batches=2.0)
     with pytest.raises(ValueError, match="38912 tokens, fewer than seq_len=100000; add text or lower seq_len"):
         write_text_shards([bundled_text_path("valid")], tmp_path / "t", seq_len=100_000, samples_per_shard=1)
     with pytest.raises(ValueError, match="same first dimension"):

@@ -80,7 +80,7 @@ def shard_dir(tmp_path_factory):
 def reference(shard_dir):
     """One process, the global batches: masks, sparsity and sweep per strategy."""
     from gradprobe_dist import GradProbe
-    from gradprobe_dist.data.loader import global_reference_batches
+    from references import global_reference_batches
 
     batches = global_reference_batches(shard_dir, micro_batch_size=MICRO, num_batches=NUM_BATCHES,
                                        world_size=WORLD)
@@ -116,9 +116,9 @@ def local_weight_check(backend, masks, originals) -> dict[str, int]:
 def probe_every_strategy(rank, world_size, mode, shard_dir):
     from gradprobe_dist import GradProbe
     from gradprobe_dist.parallel import build_backend
-    from gradprobe_dist.data.loader import calibration_batches
+    from gradprobe_dist.data.loader import shard_batches
 
-    batches = calibration_batches(shard_dir, micro_batch_size=MICRO, num_batches=NUM_BATCHES,
+    batches = shard_batches(shard_dir, micro_batch_size=MICRO, num_batches=NUM_BATCHES,
                                   rank=rank, world_size=world_size)
     cpu = torch.device("cpu")
     out = {"masks": {}, "sparsity": {}, "weights": {}}

@@ -216,9 +216,9 @@ def prune_every_arch(rank, world_size, mode, shard_dir, model_dirs):
     from torch.distributed.fsdp import FSDPModule
 
     from gradprobe_dist.parallel import build_backend
-    from gradprobe_dist.data.loader import calibration_batches
+    from gradprobe_dist.data.loader import shard_batches
 
-    batches = calibration_batches(shard_dir, micro_batch_size=MICRO, num_batches=NUM_BATCHES,
+    batches = shard_batches(shard_dir, micro_batch_size=MICRO, num_batches=NUM_BATCHES,
                                   rank=rank, world_size=world_size)
     results = {}
     for arch in ARCHS:
@@ -232,7 +232,7 @@ def prune_every_arch(rank, world_size, mode, shard_dir, model_dirs):
 @pytest.fixture(scope="module")
 def reference(model_dirs, shard_dir):
     from gradprobe_dist.parallel.local import LocalBackend
-    from gradprobe_dist.data.loader import global_reference_batches
+    from references import global_reference_batches
 
     batches = global_reference_batches(shard_dir, micro_batch_size=MICRO, num_batches=NUM_BATCHES,
                                        world_size=WORLD)

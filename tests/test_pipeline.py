@@ -16,7 +16,7 @@ from gradprobe_dist import GradProbe, MagnitudePruning
 from gradprobe_dist.pipeline import job as pipeline_module
 from gradprobe_dist.checkpoint.store import MaskCheckpoint, load_masks
 from gradprobe_dist.pipeline.config import load_config
-from gradprobe_dist.data.loader import calibration_batches
+from gradprobe_dist.data.loader import shard_batches
 from gradprobe_dist.data.shards import bundled_text_path, write_tensor_shards, write_text_shards
 from gradprobe_dist.runtime.env import DistEnv
 from gradprobe_dist.models import TinyGPT, TinyGPTConfig
@@ -119,7 +119,7 @@ def test_a_stage_probes_on_earlier_stages_pruned_and_matches_a_manual_two_step_r
         assert bool((seen[1][name][masks[name]] == 0).all()), "stage 2 did not see stage 1's zeros"
 
     # the same thing by hand: GradProbe on blocks.0, then GradProbe on blocks.1
-    batches = calibration_batches(tiny_data["calib"], micro_batch_size=2, num_batches=4)
+    batches = shard_batches(tiny_data["calib"], micro_batch_size=2, num_batches=4)
     manual = copy.deepcopy(original)
     by_hand = {}
     for stage in STAGE_LAYERS[:2]:

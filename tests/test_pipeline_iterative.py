@@ -22,7 +22,7 @@ import torch
 from gradprobe_dist import cli
 from gradprobe_dist.checkpoint.store import MaskCheckpoint, load_masks
 from gradprobe_dist.pipeline.config import load_config
-from gradprobe_dist.data.loader import calibration_batches, global_reference_batches
+from gradprobe_dist.data.loader import shard_batches
 from gradprobe_dist.runtime.env import DistEnv
 from gradprobe_dist.pipeline.rounds import iterative_prune
 from gradprobe_dist.pipeline.job import PruneJob, build_configured_model
@@ -31,6 +31,7 @@ from gradprobe_dist.strategies import MagnitudePruning
 
 sys.path.insert(0, os.path.dirname(__file__))
 from multiproc import run_ranks  # noqa: E402
+from references import global_reference_batches  # noqa: E402
 from cli_helpers import run_json, run_two_ranks, succeeded  # noqa: E402,F401
 from test_pipeline import ONE_PROCESS, STAGE_LAYERS, make_tiny_data, write_config  # noqa: E402
 
@@ -133,7 +134,7 @@ def test_one_stage_rounds_decide_as_the_library_iterative_prune(data, tmp_path, 
         result = job.run()
 
     probe = GradProbe(build_configured_model(cfg), MagnitudePruning())
-    batches = calibration_batches(cfg.data.shards, micro_batch_size=2, num_batches=4)
+    batches = shard_batches(cfg.data.shards, micro_batch_size=2, num_batches=4)
     rows = iterative_prune(probe, batches, target=TARGET, rounds=ROUNDS, schedule="cubic", num_batches=4,
                            mode=mode, gradient_threshold=0.1, checkpoint_dir=tmp_path / "library")
     for r in range(1, ROUNDS + 1):

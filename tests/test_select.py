@@ -9,12 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from multiproc import run_ranks  # noqa: E402
-
-from gradprobe_dist.parallel.select import (  # noqa: E402
-    kth_smallest,
-    select_smallest,
-    select_smallest_each,
-)
+from references import kth_smallest, select_smallest, select_smallest_each  # noqa: E402
 
 
 # -- data and reference --------------------------------------------------------------------

@@ -7,7 +7,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradprobe_dist import GradProbe, MagnitudePruning, SimpleMLP, WandaPruning
-from gradprobe_dist.probe.decision import check_nm, gradient_ratio, lowest_in_groups
+from gradprobe_dist.probe.decision import check_nm, lowest_in_groups
+from gradprobe_dist.probe.record import gradient_ratio
 
 
 def _setup(seed=0):

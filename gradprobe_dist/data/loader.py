@@ -1,9 +1,8 @@
-"""Read calibration micro-batches from webdataset shards, one disjoint shard subset per rank.
+"""Read micro-batches (calibration, evaluation or training data) from webdataset shards, one disjoint shard subset per rank.
 
 Shard i goes to rank i % world_size (as ``wds.split_by_node`` does), but rank and world size
 are passed in, so reading works before or without ``torch.distributed``. Global batch t is the
-rank-ordered union of every rank's micro-batch t; ``global_reference_batches`` builds it in
-one process so a W-rank run can be compared with a single process fed the same samples.
+rank-ordered union of every rank's micro-batch t.
 
 Everything that can be checked from ``metadata.json`` is checked for all ranks, so every rank
 raises the same error instead of one rank failing while the others wait in a collective.
@@ -52,7 +51,7 @@ class ShardSet:
     tokenizer: str | None = None
 
 
-def calibration_batches(
+def shard_batches(
     shard_dir_or_urls: ShardSource,
     *,
     micro_batch_size: int,
@@ -97,22 +96,6 @@ def calibration_batches(
     if shards.kind == "text":
         return [{"input_ids": ids, "labels": ids.clone()} for ids in columns[0]]
     return list(zip(*columns))
-
-
-def global_reference_batches(
-    shard_dir: ShardSource,
-    *,
-    micro_batch_size: int,
-    num_batches: int,
-    world_size: int,
-) -> list[Batch]:
-    """Global batch t = concatenation, in rank order, of what each of the W ranks reads at step t."""
-    per_rank = [
-        calibration_batches(shard_dir, micro_batch_size=micro_batch_size, num_batches=num_batches,
-                            rank=rank, world_size=world_size)
-        for rank in range(world_size)
-    ]
-    return [_concat_batches(step) for step in zip(*per_rank)]
 
 
 def read_shard_set(source: ShardSource) -> ShardSet:
@@ -269,9 +252,3 @@ def _decode_sample(sample: dict, *, fields: tuple[str, ...]) -> tuple[tuple[torc
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         raise ValueError(f"sample {where[1]} of shard {where[0]} holds no tensor; re-write the shards")
     return tensors, where
-
-
-def _concat_batches(batches: Sequence[Batch]) -> Batch:
-    if isinstance(batches[0], dict):
-        return {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
-    return tuple(torch.cat(parts) for parts in zip(*batches))

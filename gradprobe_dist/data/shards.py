@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from gradprobe_dist.probe.validation import is_int
 from gradprobe_dist.runtime.log import get_logger
 
 METADATA_FILE = "metadata.json"
@@ -229,7 +230,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 def check_positive(**values: int) -> None:
     """Reject non-int or < 1 sizes up front, naming the argument."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")

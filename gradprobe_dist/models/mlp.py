@@ -6,9 +6,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from gradprobe_dist.probe.validation import is_int
+
 
 def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"SimpleMLP {name} must be an int, got {type(value).__name__} {value!r}; pass a whole number")
     if value <= 0:
         raise ValueError(f"SimpleMLP {name} must be positive, got {value}; pass a size >= 1")

@@ -16,6 +16,8 @@ import torch.export
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gradprobe_dist.probe.validation import is_int, is_number
+
 IGNORE_INDEX = -100
 INIT_STD = 0.02
 
@@ -36,14 +38,14 @@ class TinyGPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise TypeError(f"TinyGPTConfig.{name} must be an int, got {type(value).__name__} {value!r}")
             if value <= 0:
                 raise ValueError(f"TinyGPTConfig.{name} must be positive, got {value}; set it to 1 or more")
         for name in ("bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TinyGPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+        if not is_number(self.dropout):
             raise TypeError(f"TinyGPTConfig.dropout must be a float, got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TinyGPTConfig.dropout must be in [0, 1), got {self.dropout}; use 0.0 to disable it")

@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from gradprobe_dist.runtime.log import is_main_process
+
 
 @dataclass(frozen=True)
 class LocalSlice:
@@ -58,6 +60,37 @@ def restore_requires_grad(params: dict[str, nn.Parameter], saved: dict[str, bool
         params[n].requires_grad_(flag)
 
 
+def drop_grads(params: dict[str, nn.Parameter]) -> None:
+    for p in params.values():
+        p.grad = None
+
+
+class Collectives:
+    """The collectives a backend needs, for this process alone (each one is the identity).
+
+    Multi-rank backends hold ``collectives.ProcessGroup``, the same calls over the default
+    process group; every rank must make them in the same order.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce ``tensor`` over ranks in place (``sum``, ``max`` or ``min``); returns it."""
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[world_size, *tensor.shape]``: every rank's ``tensor`` (same shape), in rank order."""
+        return tensor.unsqueeze(0)
+
+    def broadcast_object(self, obj):
+        """The main rank's picklable ``obj`` on every rank."""
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+
 class Backend(ABC):
     """Gradients, weights and collectives for one parallel mode."""
 
@@ -65,14 +98,15 @@ class Backend(ABC):
     #: True when every rank holds the whole weight (counts must not be summed over ranks).
     replicated: bool = True
 
-    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | str | None = None):
-        self.rank = rank
-        self.world_size = world_size
+    def __init__(self, device: torch.device | str | None = None, collectives: Collectives | None = None):
+        self.collectives = collectives if collectives is not None else Collectives()
+        self.rank = self.collectives.rank
+        self.world_size = self.collectives.world_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return is_main_process(self.rank)
 
     # -- model ---------------------------------------------------------------------------
     @abstractmethod
@@ -114,16 +148,19 @@ class Backend(ABC):
         """Tear down what ``prepare`` built for good (an engine, its hooks, gathered copies);
         called once, by every rank, before the process group is destroyed."""
 
-    # -- collectives (no-ops for one process) ---------------------------------------------
+    # -- collectives (identities for one process) ----------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In-place all-reduce (``sum``, ``max`` or ``min``); returns ``tensor``."""
-        return tensor
+        """In-place all-reduce over ranks (``sum``, ``max`` or ``min``); returns ``tensor``."""
+        return self.collectives.all_reduce(tensor, op)
+
+    def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum every rank's ``tensor`` (e.g. statistics of each rank's own micro-batches)."""
+        return self.collectives.all_reduce(tensor, "sum")
 
     def sum_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum a per-rank count over the shards of the weights (identity when replicated)."""
-        if self.replicated:
-            return tensor
-        return self.all_reduce(tensor, "sum")
+        """Sum a count over the shards of the weights: over ranks when each holds a part,
+        the identity when every rank holds the whole weight (``replicated``)."""
+        return tensor if self.replicated else self.sum_over_ranks(tensor)
 
     def gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor | None:
         """Assemble the full-shape tensor of weight ``name`` from every rank's ``local``
@@ -137,26 +174,24 @@ class Backend(ABC):
         return full
 
     def select_smallest(self, scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-        """Exactly ``k`` smallest over all tensors and ranks (see ``distributed.select``);
-        replicated backends select locally, since every rank holds the same tensors."""
-        from gradprobe_dist.parallel import select
+        """Exactly ``k`` smallest over all tensors and shards (see ``parallel.select``)."""
+        from gradprobe_dist.parallel import select  # it checks counts with probe.validation
 
-        return select.select_smallest(scores, k, group=self._selection_group())
+        return select.select_smallest(scores, k, self._shard_collectives())
 
     def select_smallest_each(self, scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
         """Per tensor i, exactly ``ks[i]`` smallest over that tensor's shards."""
         from gradprobe_dist.parallel import select
 
-        return select.select_smallest_each(scores, ks, group=self._selection_group())
+        return select.select_smallest_each(scores, ks, self._shard_collectives())
 
-    def _selection_group(self):
-        from gradprobe_dist.parallel import select
-
-        return select.LOCAL if self.replicated else None
+    def _shard_collectives(self) -> Collectives | None:
+        """Who holds parts of a weight: every rank, or (replicated) this rank alone."""
+        return None if self.replicated else self.collectives
 
     def broadcast_object(self, obj):
         """The main rank's ``obj`` on every rank."""
-        return obj
+        return self.collectives.broadcast_object(obj)
 
     def barrier(self) -> None:
-        pass
+        self.collectives.barrier()

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from gradprobe_dist.parallel.base import Collectives
+
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -61,6 +63,15 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     moved = tensor.to(device)
     dist.all_reduce(moved, _REDUCE_OPS[op])
     return tensor.copy_(moved)
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """``[world_size, *tensor.shape]``: every rank's ``tensor`` (equal shapes), in rank order,
+    on the caller's device."""
+    moved = tensor.to(comm_device())
+    pieces = [torch.empty_like(moved) for _ in range(dist.get_world_size())]
+    dist.all_gather(pieces, moved)
+    return torch.stack(pieces).to(tensor.device)
 
 
 def broadcast_object(obj, src: int = 0):
@@ -203,11 +214,17 @@ def scatter_rows(full: torch.Tensor | None, start: int, stop: int, src: int = 0,
     return part.reshape(stop - start, *shape[1:])
 
 
-class DistributedCollectives:
-    """Mixin giving a ``Backend`` the collectives of the default process group."""
+class ProcessGroup(Collectives):
+    """A backend's collectives over the default process group (set up by the caller)."""
+
+    def __init__(self):
+        self.rank, self.world_size = require_process_group()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return all_reduce(tensor, op)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_gather(tensor)
 
     def broadcast_object(self, obj):
         return broadcast_object(obj, src=0)

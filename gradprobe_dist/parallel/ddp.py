@@ -12,17 +12,17 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gradprobe_dist.runtime.log import get_logger
+from gradprobe_dist.parallel.base import Backend, LocalSlice
+from gradprobe_dist.parallel.collectives import ProcessGroup, broadcast_tensor, check_param_names, comm_device
 from gradprobe_dist.parallel.local import LocalBackend
-from gradprobe_dist.parallel.base import freeze_all_but
-from gradprobe_dist.parallel.collectives import (DistributedCollectives, broadcast_tensor, check_param_names, comm_device,
-                          require_process_group)
+from gradprobe_dist.runtime.log import get_logger
 
 log = get_logger(__name__)
 
 
-class DDPBackend(DistributedCollectives, LocalBackend):
-    """``LocalBackend`` on every rank, with DDP's bucketed all-reduce in the backward."""
+class DDPBackend(Backend):
+    """A ``LocalBackend`` on every rank (it holds the gradients and weights), with DDP's
+    bucketed all-reduce in the backward."""
 
     name = "ddp"
     replicated = True
@@ -30,14 +30,13 @@ class DDPBackend(DistributedCollectives, LocalBackend):
     def __init__(self, device: torch.device | str | None = None, find_unused_parameters: bool = False):
         """``find_unused_parameters``: set it when some prunable weight takes no part in the
         loss (DDP then checks the graph each step; without it such a weight makes DDP raise)."""
-        rank, world_size = require_process_group()
-        super().__init__(rank, world_size, device if device is not None else comm_device())
+        collectives = ProcessGroup()
+        super().__init__(device if device is not None else comm_device(), collectives)
         self.find_unused_parameters = find_unused_parameters
+        self._local = LocalBackend(device=self.device)
         self._model: nn.Module | None = None
         self._wrapped: DistributedDataParallel | None = None
         self._wrapped_names: frozenset[str] = frozenset()
-        self._saved_requires_grad: dict[str, bool] | None = None
-        self._params: dict[str, nn.Parameter] = {}
 
     def prepare(self, model: nn.Module, param_names: list[str]) -> nn.Module:
         check_param_names(param_names, model)
@@ -45,9 +44,7 @@ class DDPBackend(DistributedCollectives, LocalBackend):
         if self._wrapped is not None and model is self._model and names == self._wrapped_names:
             return self._wrapped
         self.release()
-        model.to(self.device)
-        self._params = dict(model.named_parameters())
-        self._saved_requires_grad = freeze_all_but(self._params, names)
+        self._local.prepare(model, param_names)
         device_ids = [self.device.index] if self.device.index is not None else None
         self._wrapped = DistributedDataParallel(
             model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters)
@@ -58,8 +55,23 @@ class DDPBackend(DistributedCollectives, LocalBackend):
     def release(self) -> None:
         """Drop the DDP wrapper and restore ``requires_grad``; the model stays usable unwrapped
         (DDP's gradient hooks only act after a forward through the wrapper)."""
-        super().release()
+        self._local.release()
         self._wrapped = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._local.backward(loss)
+
+    def zero_grad(self) -> None:
+        self._local.zero_grad()
+
+    def local_grad(self, name: str) -> torch.Tensor | None:
+        return self._local.local_grad(name)
+
+    def local_weight(self, name: str) -> torch.Tensor:
+        return self._local.local_weight(name)
+
+    def local_slice(self, name: str) -> LocalSlice:
+        return self._local.local_slice(name)
 
     def scatter_full(self, name: str, full: torch.Tensor | None) -> torch.Tensor:
         """Every rank holds the whole weight, so every rank gets the main rank's whole tensor."""

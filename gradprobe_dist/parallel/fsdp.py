@@ -23,12 +23,11 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from gradprobe_dist.runtime.log import get_logger
-from gradprobe_dist.parallel.base import LocalSlice, freeze_all_but
+from gradprobe_dist.parallel.base import Backend, LocalSlice, drop_grads, freeze_all_but, restore_requires_grad
+from gradprobe_dist.parallel.collectives import (ProcessGroup, check_param_names, comm_device, gather_rows,
+                                                 scatter_rows)
 from gradprobe_dist.parallel.loading import WeightReader, fill_local_parts, real_buffers, restore_buffers
-from gradprobe_dist.parallel.local import LocalBackend
-from gradprobe_dist.parallel.collectives import (DistributedCollectives, check_param_names, comm_device, gather_rows,
-                          require_process_group, scatter_rows)
+from gradprobe_dist.runtime.log import get_logger
 
 log = get_logger(__name__)
 
@@ -63,9 +62,9 @@ def _matches(name: str, pattern: str) -> bool:
     return len(parts) == len(pattern_parts) and all(map(fnmatch, parts, pattern_parts))
 
 
-class FSDPBackend(DistributedCollectives, LocalBackend):
-    """``LocalBackend``'s bookkeeping (``release`` restores ``requires_grad``; the sharding
-    itself stays, FSDP2 cannot undo it) over FSDP2's sharded parameters."""
+class FSDPBackend(Backend):
+    """FSDP2's sharded parameters; ``release`` restores ``requires_grad`` (the sharding
+    itself stays, FSDP2 cannot undo it)."""
 
     name = "fsdp"
     replicated = False
@@ -73,8 +72,8 @@ class FSDPBackend(DistributedCollectives, LocalBackend):
     def __init__(self, device: torch.device | str | None = None, unit_patterns: list[str] | None = None):
         """``unit_patterns``: patterns of module names (e.g. ``"layers.*"``, see ``unit_names``)
         to shard as their own FSDP units before the root; None: the default of ``unit_names``."""
-        rank, world_size = require_process_group()
-        super().__init__(rank, world_size, device if device is not None else comm_device())
+        collectives = ProcessGroup()
+        super().__init__(device if device is not None else comm_device(), collectives)
         self.unit_patterns = unit_patterns
         self._model: nn.Module | None = None
         self._params: dict[str, DTensor] = {}
@@ -115,12 +114,22 @@ class FSDPBackend(DistributedCollectives, LocalBackend):
         restore_buffers(model, buffers, self.device)
         fill_local_parts(model, reader, _row_slice, DTensor.to_local)
 
+    def release(self) -> None:
+        restore_requires_grad(self._params, self._saved_requires_grad)
+        self._saved_requires_grad = None
+
     def _reshard(self) -> None:
         for module in self._model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
 
     # -- gradients and weights -------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def zero_grad(self) -> None:
+        drop_grads(self._params)
+
     def local_grad(self, name: str) -> torch.Tensor | None:
         grad = self._params[name].grad
         return None if grad is None else grad.to_local()

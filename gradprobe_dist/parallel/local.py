@@ -4,12 +4,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from gradprobe_dist.parallel.base import Backend, LocalSlice, freeze_all_but, restore_requires_grad
+from gradprobe_dist.parallel.base import Backend, LocalSlice, drop_grads, freeze_all_but, restore_requires_grad
 
 
 class LocalBackend(Backend):
     name = "none"
     replicated = True
+
+    def __init__(self, device: torch.device | str | None = None):
+        super().__init__(device)
+        self._params: dict[str, nn.Parameter] = {}
+        self._saved_requires_grad: dict[str, bool] | None = None
 
     def prepare(self, model: nn.Module, param_names: list[str]) -> nn.Module:
         """Place the model; only the probed weights keep ``requires_grad`` (backward then
@@ -20,15 +25,14 @@ class LocalBackend(Backend):
         return model
 
     def release(self) -> None:
-        restore_requires_grad(self._params, getattr(self, "_saved_requires_grad", None))
+        restore_requires_grad(self._params, self._saved_requires_grad)
         self._saved_requires_grad = None
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def zero_grad(self) -> None:
-        for p in self._params.values():
-            p.grad = None
+        drop_grads(self._params)
 
     def local_grad(self, name: str) -> torch.Tensor | None:
         return self._params[name].grad

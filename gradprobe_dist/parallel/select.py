@@ -10,16 +10,16 @@ Order used everywhere: values compare as float32 (so ``-0.0 == 0.0``); among equ
 the lowest (tensor index, rank, flat index) comes first. That is the global order when
 rank r holds the r-th contiguous piece of every tensor, so the masks equal those of one
 process holding the concatenation. Every rank must pass the same number of tensors and
-the same ``k``; without an initialised process group, or with ``group=LOCAL``, everything
-runs locally.
+the same ``k``. The collectives are the caller's (a backend's ``Collectives``); without
+them (``None``: one process, or tensors replicated on every rank) everything runs locally.
 """
 from __future__ import annotations
 
-import struct
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
+
+from gradprobe_dist.probe.validation import is_int
 
 _DIGIT_BITS = 8
 _BINS = 1 << _DIGIT_BITS
@@ -41,41 +41,6 @@ def _sortable_key(values: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= _SIGN, _MASK32 - bits, bits + _SIGN)
 
 
-def _key_to_float(key: int) -> float:
-    bits = key - _SIGN if key >= _SIGN else _MASK32 - key
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
-
-
-# -- collectives that fall back to one process ---------------------------------------------
-#: pass as ``group`` to select on this rank alone (replicated tensors, e.g. under DDP)
-LOCAL = "local"
-
-
-def _distributed(group) -> bool:
-    return group != LOCAL and dist.is_available() and dist.is_initialized()
-
-
-def _sum_over_ranks(tensor: torch.Tensor, group) -> torch.Tensor:
-    if _distributed(group):
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
-
-
-def _gather_over_ranks(tensor: torch.Tensor, group) -> torch.Tensor:
-    """``[world_size, *tensor.shape]``: every rank's ``tensor``, stacked in rank order."""
-    if not _distributed(group):
-        return tensor.unsqueeze(0)
-    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(pieces, tensor, group=group)
-    return torch.stack(pieces)
-
-
-def _rank_and_world(group) -> tuple[int, int]:
-    if not _distributed(group):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 # -- input checks ---------------------------------------------------------------------------
 def _check_tensors(scores: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
     scores = list(scores)
@@ -89,7 +54,7 @@ def _check_tensors(scores: Sequence[torch.Tensor], what: str) -> list[torch.Tens
 
 
 def _check_k(k, name: str) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
+    if not is_int(k):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}; pass int({name})")
     if k < 0:
         raise ValueError(f"{name}={k} is negative; pass a count between 0 and the number of values")
@@ -105,7 +70,7 @@ def _nothing_to_select(k: int, name: str) -> list[torch.Tensor]:
 
 # -- the radix select -----------------------------------------------------------------------
 def _radix_select(scores: list[torch.Tensor], owner: list[int], ks: list[int], labels: list[str],
-                  group):
+                  collectives):
     """Exact k-th smallest key of each selection group, summed over ranks.
 
     ``owner[i]`` is the group of ``scores[i]``; group g asks for its ``ks[g]``-th smallest
@@ -126,7 +91,7 @@ def _radix_select(scores: list[torch.Tensor], owner: list[int], ks: list[int], l
             hist[g, :_BINS] += torch.bincount((key >> shift) & (_BINS - 1), minlength=_BINS)
             if round_index == 0:
                 hist[g, _BINS] += torch.isnan(tensor).sum()
-        _sum_over_ranks(hist, group)
+        collectives.all_reduce(hist, "sum")
         if round_index == 0:
             _raise_on_bad_counts(hist[:, _BINS].tolist(), hist[:, :_BINS].sum(1).tolist(), ks, labels)
         hist = hist[:, :_BINS]
@@ -150,13 +115,13 @@ def _raise_on_bad_counts(nan_counts: list[int], totals: list[int], ks: list[int]
 
 
 def _tie_broken_masks(scores: list[torch.Tensor], owner: list[int], target, ties_needed,
-                      group) -> list[torch.Tensor]:
+                      collectives) -> list[torch.Tensor]:
     """Mark values below their group's target key, plus the first ``ties_needed`` values equal
     to it in (tensor index, rank, flat index) order."""
-    rank, world = _rank_and_world(group)
+    rank, world = collectives.rank, collectives.world_size
     tie_counts = torch.stack([(_sortable_key(t) == target[g]).sum() for t, g in zip(scores, owner)])
     # Exclusive prefix over (tensor, rank), restarted at each group's first tensor.
-    by_tensor_then_rank = _gather_over_ranks(tie_counts, group).T.reshape(-1)
+    by_tensor_then_rank = collectives.all_gather(tie_counts).T.reshape(-1)
     ties_before = by_tensor_then_rank.cumsum(0) - by_tensor_then_rank
     first_tensor = {}
     for i, g in enumerate(owner):
@@ -187,21 +152,7 @@ def _local_masks(scores: list[torch.Tensor], k: int, label: str) -> list[torch.T
 
 
 # -- public API -----------------------------------------------------------------------------
-def kth_smallest(values: torch.Tensor, k: int, group=None) -> float:
-    """Exact k-th smallest (1-based) of every rank's ``values`` concatenated, as float32.
-
-    A collective: every rank calls it with the same ``k``. Raises ValueError on NaN or when
-    ``k`` is outside ``[1, total]``.
-    """
-    (values,) = _check_tensors([values], "values")
-    k = _check_k(k, "k")
-    if k == 0:
-        raise ValueError("k=0: kth_smallest counts from 1; pass k between 1 and the number of values")
-    target, _ = _radix_select([values], [0], [k], ["values"], group)
-    return _key_to_float(int(target[0]))
-
-
-def select_smallest(scores: Sequence[torch.Tensor], k: int, group=None) -> list[torch.Tensor]:
+def select_smallest(scores: Sequence[torch.Tensor], k: int, collectives=None) -> list[torch.Tensor]:
     """Bool masks (shaped like ``scores``) marking the k smallest values over all tensors and
     all ranks together, ties to the lowest (tensor index, rank, flat index). A collective:
     five collective calls whatever the number of tensors."""
@@ -209,15 +160,15 @@ def select_smallest(scores: Sequence[torch.Tensor], k: int, group=None) -> list[
     k = _check_k(k, "k")
     if not scores:
         return _nothing_to_select(k, "k")
-    if not _distributed(group):
+    if collectives is None:
         return _local_masks(scores, k, "scores")
     owner = [0] * len(scores)
-    target, ties_needed = _radix_select(scores, owner, [k], ["scores"], group)
-    return _tie_broken_masks(scores, owner, target, ties_needed, group)
+    target, ties_needed = _radix_select(scores, owner, [k], ["scores"], collectives)
+    return _tie_broken_masks(scores, owner, target, ties_needed, collectives)
 
 
 def select_smallest_each(scores: Sequence[torch.Tensor], ks: Sequence[int],
-                         group=None) -> list[torch.Tensor]:
+                         collectives=None) -> list[torch.Tensor]:
     """For each tensor i on its own, a bool mask of its ``ks[i]`` smallest values over all
     ranks (ties to the lowest rank, then flat index). A collective whose five collective calls
     cover every tensor at once, so per-layer selection of a deep model stays cheap."""
@@ -227,8 +178,8 @@ def select_smallest_each(scores: Sequence[torch.Tensor], ks: Sequence[int],
         raise ValueError(f"got {len(scores)} score tensors but {len(ks)} counts; pass one k per tensor")
     if not scores:
         return []
-    if not _distributed(group):
+    if collectives is None:
         return [_local_masks([t], k, f"scores[{i}]")[0] for i, (t, k) in enumerate(zip(scores, ks))]
     owner = list(range(len(scores)))
-    target, ties_needed = _radix_select(scores, owner, ks, [f"scores[{i}]" for i in owner], group)
-    return _tie_broken_masks(scores, owner, target, ties_needed, group)
+    target, ties_needed = _radix_select(scores, owner, ks, [f"scores[{i}]" for i in owner], collectives)
+    return _tie_broken_masks(scores, owner, target, ties_needed, collectives)

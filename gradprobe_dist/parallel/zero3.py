@@ -23,9 +23,10 @@ import torch.nn as nn
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import safe_get_local_grad, safe_set_local_fp32_param
 
-from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.parallel.base import Backend, LocalSlice
-from gradprobe_dist.parallel.collectives import DistributedCollectives, gather_flat, require_process_group, scatter_flat
+from gradprobe_dist.parallel.collectives import ProcessGroup, gather_flat, scatter_flat
+from gradprobe_dist.probe.validation import is_int
+from gradprobe_dist.runtime.log import get_logger
 
 log = get_logger(__name__)
 
@@ -44,19 +45,19 @@ def zero3_config(micro_batch_size: int) -> dict:
     }
 
 
-class Zero3Backend(DistributedCollectives, Backend):
+class Zero3Backend(Backend):
     name = "zero3"
     replicated = False
 
     def __init__(self, device: torch.device | str | None = None, micro_batch_size: int = 1):
-        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        if not is_int(micro_batch_size) or micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}: "
                              "pass the number of samples each rank feeds per forward")
-        rank, world_size = require_process_group()
+        collectives = ProcessGroup()
         deepspeed.init_distributed(dist_backend=str(torch.distributed.get_backend()))  # adopts the group
         if device is None:
             device = deepspeed.get_accelerator().current_device_name()
-        super().__init__(rank, world_size, device)
+        super().__init__(device, collectives)
         self.micro_batch_size = micro_batch_size
         self._engine = None
         self._model: nn.Module | None = None

@@ -20,7 +20,7 @@ import yaml
 
 from gradprobe_dist.strategies.allocation import Allocation
 from gradprobe_dist.probe.stats import STATISTICS
-from gradprobe_dist.probe.validation import check_prune_args, check_threshold
+from gradprobe_dist.probe.validation import check_prune_args, check_threshold, is_int
 
 PARALLEL_MODES = ("none", "ddp", "fsdp", "zero3")
 MODEL_KINDS = ("tinygpt", "mlp", "hf")
@@ -356,7 +356,7 @@ def _convert(hint, value: Any, key: str):
         return dict(value)
     if hint is Any:
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and is_int(value):
         return float(value)
     if hint in (int, float, str, bool) and (not isinstance(value, hint) or
                                             (hint is int and isinstance(value, bool))):

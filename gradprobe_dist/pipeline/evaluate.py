@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from gradprobe_dist.parallel.base import Backend
-from gradprobe_dist.probe.batches import to_device
+from gradprobe_dist.probe.batches import is_lm_batch, to_device
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def evaluate(model: nn.Module, batches: list, backend: Backend) -> dict[str, flo
         totals = torch.zeros(2, dtype=torch.float64)
         for batch in batches:
             batch = to_device(batch, backend.device)
-            if isinstance(batch, dict):
+            if is_lm_batch(batch):
                 out = model(**batch)
                 tokens = int((batch["labels"][:, 1:] != -100).sum())
                 totals += torch.tensor([float(out.loss) * tokens, tokens], dtype=torch.float64)
@@ -32,7 +32,7 @@ def evaluate(model: nn.Module, batches: list, backend: Backend) -> dict[str, flo
         totals = backend.all_reduce(totals.to(backend.device), "sum").cpu()
     finally:
         model.train(was_training)
-    if isinstance(batches[0], dict):
+    if is_lm_batch(batches[0]):
         loss = float(totals[0] / totals[1])
         return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(totals[1])}
     return {"accuracy": float(totals[0] / totals[1]), "samples": int(totals[1])}

@@ -39,7 +39,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from gradprobe_dist.parallel import Backend, build_backend
 from gradprobe_dist.checkpoint.store import MaskCheckpoint, model_fingerprint
 from gradprobe_dist.pipeline.config import RunConfig
-from gradprobe_dist.data.loader import calibration_batches, token_vocab_size
+from gradprobe_dist.data.loader import shard_batches, token_vocab_size
 from gradprobe_dist.runtime.env import DistEnv
 from gradprobe_dist.pipeline.evaluate import evaluate
 from gradprobe_dist.pipeline.build import build_model
@@ -48,6 +48,7 @@ from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.probe.params import find_prunable
 from gradprobe_dist.probe.prefix import block_list
 from gradprobe_dist.pipeline.plots import CARRIED_KEY, RATIO_KEY, ratio_tensors
+from gradprobe_dist.probe.batches import is_lm_batch
 from gradprobe_dist.probe.gradprobe import GradProbe
 from gradprobe_dist.reconstruct.pruner import SparseGPT
 from gradprobe_dist.strategies import build_strategy
@@ -166,7 +167,7 @@ def build_configured_model(cfg: RunConfig, backend: Backend | None = None) -> nn
 def loss_fn_for(batches: list) -> nn.Module | None:
     """Dict batches carry labels and the model computes its own loss; (inputs, targets)
     batches are classification."""
-    return None if isinstance(batches[0], dict) else nn.CrossEntropyLoss()
+    return None if is_lm_batch(batches[0]) else nn.CrossEntropyLoss()
 
 
 def bars_wanted(show_progress: bool) -> bool:
@@ -230,7 +231,7 @@ class PruneJob:
     def calibration(self) -> list:
         """This rank's calibration micro-batches, read on first use (eval needs none)."""
         if self._calibration is None:
-            self._calibration = calibration_batches(
+            self._calibration = shard_batches(
                 self.cfg.data.shards, micro_batch_size=self.cfg.data.micro_batch_size,
                 num_batches=self.cfg.prune.num_batches, rank=self.env.rank,
                 world_size=self.env.world_size, vocab_size=token_vocab_size(self.model))
@@ -517,7 +518,7 @@ class PruneJob:
             raise ValueError("no evaluation data: set data.eval_shards to a shard directory "
                              "(write one with `gradprobe make-shards --bundled valid`)")
         if self._eval_batches is None:
-            self._eval_batches = calibration_batches(
+            self._eval_batches = shard_batches(
                 data.eval_shards, micro_batch_size=data.micro_batch_size,
                 num_batches=data.eval_batches, rank=self.env.rank, world_size=self.env.world_size,
                 vocab_size=token_vocab_size(self.model))

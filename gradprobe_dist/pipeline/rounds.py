@@ -38,12 +38,12 @@ from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.probe.batches import LossOfBatch, take_batches
 from gradprobe_dist.checkpoint.store import (CheckpointMismatchError, MaskCheckpoint, atomic_write,
                          model_fingerprint)
-from gradprobe_dist.probe.decision import ProbeRecord, prune_decision
+from gradprobe_dist.probe.record import ProbeRecord, prune_decision
 from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.pipeline.plots import CARRIED_KEY, RATIO_KEY, ratio_tensors
-from gradprobe_dist.probe.gradprobe import GradProbe, check_mode
+from gradprobe_dist.probe.gradprobe import GradProbe
 from gradprobe_dist.strategies.base import count_to_select
-from gradprobe_dist.probe.validation import check_prune_args
+from gradprobe_dist.probe.validation import check_mode, check_prune_args, is_int, is_number
 
 log = get_logger(__name__)
 
@@ -56,12 +56,12 @@ _FLOAT_MAX = torch.finfo(torch.float32).max
 
 def schedule_values(target: float, rounds: int, kind: str = "cubic") -> list[float]:
     """Sparsity after each round 1..``rounds``, from 0 up to exactly ``target``."""
-    if isinstance(target, bool) or not isinstance(target, (int, float)):
+    if not is_number(target):
         raise TypeError(f"target must be a number, got {type(target).__name__}")
     if not 0.0 < target < 1.0:
         raise ValueError(f"target={target} is outside (0, 1): pass the sparsity the last round "
                          "reaches, e.g. 0.8 for 80%")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+    if not is_int(rounds) or rounds < 1:
         raise ValueError(f"rounds={rounds!r} must be an int >= 1 (1 = one-shot pruning)")
     if kind not in SCHEDULES:
         raise ValueError(f"schedule={kind!r} is unknown: use 'cubic' (Zhu & Gupta) or 'linear'")

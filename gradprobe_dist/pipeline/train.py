@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from gradprobe_dist.data.loader import calibration_batches, read_shard_set, token_vocab_size
+from gradprobe_dist.data.loader import shard_batches, read_shard_set, token_vocab_size
+from gradprobe_dist.probe.batches import is_lm_batch
 from gradprobe_dist.runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -28,7 +29,7 @@ def train_model(model: nn.Module, shards: str, *, steps: int, micro_batch_size: 
     num_batches = total // micro_batch_size
     if num_batches < 1:
         raise ValueError(f"{shards} holds {total} samples, fewer than micro_batch_size={micro_batch_size}")
-    batches = calibration_batches(shards, micro_batch_size=micro_batch_size, num_batches=num_batches,
+    batches = shard_batches(shards, micro_batch_size=micro_batch_size, num_batches=num_batches,
                                   vocab_size=token_vocab_size(model))
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -42,7 +43,7 @@ def train_model(model: nn.Module, shards: str, *, steps: int, micro_batch_size: 
     for step in tqdm(range(steps), desc="train", disable=not (show_progress and sys.stderr.isatty())):
         batch = batches[int(order[step])]
         opt.zero_grad(set_to_none=True)
-        if isinstance(batch, dict):
+        if is_lm_batch(batch):
             loss = model(**batch).loss
         else:
             loss = loss_fn(model(batch[0]), batch[1])

@@ -28,6 +28,13 @@ def take_batches(dataloader: Iterable, num_batches: int) -> list:
                      f"{num_batches}: lower num_batches to at most {len(batches)} or give more data")
 
 
+def is_lm_batch(batch) -> bool:
+    """The one rule telling batch kinds apart: a dict is a language-model batch
+    (``input_ids``, ``labels``; the model computes its own loss), anything else is a
+    classification ``(inputs, targets)`` pair."""
+    return isinstance(batch, Mapping)
+
+
 def to_device(batch, device: torch.device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -51,7 +58,7 @@ def make_loss_of_batch(loss_fn: Callable | None, compute_loss: LossOfBatch | Non
         return compute_loss
 
     def loss_of(model: nn.Module, batch) -> torch.Tensor:
-        if isinstance(batch, Mapping):
+        if is_lm_batch(batch):
             if loss_fn is None:
                 return _model_loss(model(**batch))
             inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -1,4 +1,4 @@
-"""The probe's decision, as pure tensor functions over what the two passes recorded.
+"""The probe's decision: pure functions of a ``ProbeRecord``, collectives through the backend.
 
 Threshold mode (the original GradProbe): a tentatively selected weight is redundant (pruned)
 when its gradient statistic after the reduction did not grow by more than
@@ -7,6 +7,9 @@ The decision depends only on new/old, so one probe serves every threshold of a s
 
 Target mode: rank the tentative weights by that ratio and prune exactly the lowest ones
 (per layer, over all layers, or per N:M group), so the requested sparsity is reached.
+
+``decide`` returns a ``Decision`` and changes nothing: applying it to the weights is the
+engine's job (``gradprobe_dist.probe.engine``).
 """
 from __future__ import annotations
 
@@ -14,18 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gradprobe_dist.parallel.base import Backend
+from gradprobe_dist.probe.record import ProbeRecord
+from gradprobe_dist.probe.validation import check_mode, check_threshold
+from gradprobe_dist.strategies.base import choose_per_output, count_to_select
 
-def prune_decision(old: torch.Tensor, new: torch.Tensor, gradient_threshold: float) -> torch.Tensor:
-    """True where the weight is redundant (compared in float32)."""
-    return new.float() <= old.float() * (1.0 + gradient_threshold)
-
-
-def gradient_ratio(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """new/old in float32; 0/0 (no gradient either way) counts as 1, x/0 as +inf."""
-    old, new = old.float(), new.float()
-    safe = torch.where(old > 0, old, torch.ones_like(old))
-    return torch.where(old > 0, new / safe, torch.where(new > 0, torch.full_like(new, float("inf")),
-                                                        torch.ones_like(new)))
+_FLOAT_MAX = torch.finfo(torch.float32).max
 
 
 def lowest_in_groups(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -49,46 +46,110 @@ def check_nm(mask: torch.Tensor, n: int, m: int, exact: bool) -> None:
                          f"(counts seen: {sorted(set(counts[bad].tolist()))[:5]})")
 
 
-@dataclass
-class LayerProbe:
-    """One weight's probe record; every tensor is this rank's local part.
-
-    ``old``/``new``/``originals`` hold only the tentatively selected positions, in the
-    row-major order of ``tentative`` (what ``weight[tentative]`` returns).
-    """
-
-    tentative: torch.Tensor
-    old: torch.Tensor
-    originals: torch.Tensor
-    new: torch.Tensor | None = None
-
-    def ratio(self) -> torch.Tensor:
-        return gradient_ratio(self.old, self.new)
-
-    def threshold_mask(self, gradient_threshold: float) -> torch.Tensor:
-        """Full local mask (True = zero this weight) at ``gradient_threshold``."""
-        return self.expand(prune_decision(self.old, self.new, gradient_threshold))
-
-    def expand(self, selected: torch.Tensor) -> torch.Tensor:
-        """A full local mask from one flag per tentative position."""
-        mask = torch.zeros_like(self.tentative)
-        mask[self.tentative] = selected.to(mask.device)
-        return mask
-
-    def decided_values(self, pruned: torch.Tensor) -> torch.Tensor:
-        """Values for the tentative positions: 0 where ``pruned``, the exact original elsewhere."""
-        prune = pruned[self.tentative].to(self.originals.device)
-        return torch.where(prune, torch.zeros_like(self.originals), self.originals)
+def candidates_first(ratio: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Scores that rank every candidate by its gradient ratio and every other position after
+    all of them, even after a candidate whose ratio is inf."""
+    return torch.where(candidate.to(ratio.device), ratio.clamp(max=_FLOAT_MAX),
+                       torch.full_like(ratio, float("inf")))
 
 
-@dataclass
-class ProbeRecord:
-    """Everything the two gradient passes measured, keyed by parameter name."""
+@dataclass(frozen=True)
+class Decision:
+    """Masks (True = prune; local parts) and what they amount to over all ranks."""
 
-    layers: dict[str, LayerProbe]
-    #: per Linear layer, H = 2 X X^T of its calibration inputs (only when asked for, to
-    #: reconstruct the kept weights after the decision; see ``compensation``)
-    hessians: dict[str, torch.Tensor] | None = None
+    masks: dict[str, torch.Tensor]
+    #: target mode: the gradient_threshold whose threshold-mode decision it matched at worst
+    equivalent_threshold: float | None
+    #: per layer over all ranks: tentatively selected weights
+    tentative: dict[str, int]
+    #: per layer over all ranks: pruned weights (the rest of ``tentative`` is restored)
+    pruned: dict[str, int]
 
-    def masks(self, gradient_threshold: float) -> dict[str, torch.Tensor]:
-        return {n: layer.threshold_mask(gradient_threshold) for n, layer in self.layers.items()}
+    @property
+    def total_pruned(self) -> int:
+        return sum(self.pruned.values())
+
+
+def decide(record: ProbeRecord, sparsity: float, backend: Backend, *, mode: str = "threshold",
+           gradient_threshold: float = 0.0, target_scope: str = "layer") -> Decision:
+    """The masks of ``mode`` (see the module docstring) from ``record`` alone; a collective
+    (every rank calls it with its own record)."""
+    check_mode(mode, 1.0, target_scope)
+    check_threshold(gradient_threshold)
+    if mode == "sparsegpt":
+        raise ValueError("mode='sparsegpt' is chosen by SparseGPT while it updates the weights: "
+                         "use GradProbe.decide(record, sparsity, mode='sparsegpt')")
+    equivalent = None
+    if mode == "threshold":
+        masks = record.masks(gradient_threshold)
+    else:
+        ratios = {n: layer.ratio() for n, layer in record.layers.items()}
+        if record.nm:
+            masks = _lowest_per_group(record, ratios, backend)
+        else:
+            masks = _lowest_overall(record, ratios, sparsity, target_scope, backend)
+        equivalent = _equivalent_threshold(record, ratios, masks, backend)
+    _check_nm_masks(record, masks, exact=mode == "target")
+    return counted(record, masks, backend, equivalent)
+
+
+def counted(record: ProbeRecord, masks: dict[str, torch.Tensor], backend: Backend,
+            equivalent_threshold: float | None = None) -> Decision:
+    """``masks`` as a ``Decision``, with their counts over all ranks (a collective)."""
+    counts = backend.sum_over_shards(torch.tensor(
+        [[int(layer.tentative.sum()), int(masks[n].sum())] for n, layer in record.layers.items()],
+        dtype=torch.float64).reshape(-1, 2)).long().tolist()
+    return Decision(masks, equivalent_threshold, {n: c[0] for n, c in zip(record.layers, counts)},
+                    {n: c[1] for n, c in zip(record.layers, counts)})
+
+
+def _lowest_per_group(record: ProbeRecord, ratios: dict[str, torch.Tensor],
+                      backend: Backend) -> dict[str, torch.Tensor]:
+    """N of every M input weights, lowest ratio first; non-tentative positions rank last."""
+    n, m = record.nm
+    masks = {}
+    for name, layer in record.layers.items():
+        ratio = torch.zeros(layer.tentative.shape, device=layer.old.device)
+        ratio[layer.tentative.to(ratio.device)] = ratios[name]
+        scores = candidates_first(ratio, layer.tentative)
+        mask = choose_per_output(backend, name, record.slices[name], name in record.transposed,
+                                 scores, lambda rows: lowest_in_groups(rows, n, m))
+        masks[name] = mask.to(layer.tentative.device) & layer.tentative
+    return masks
+
+
+def _lowest_overall(record: ProbeRecord, ratios: dict[str, torch.Tensor], sparsity: float,
+                    scope: str, backend: Backend) -> dict[str, torch.Tensor]:
+    """Exactly ``sparsity`` of each layer (``scope="layer"``, or its allocated sparsity) or of
+    all layers together (``"global"``), lowest ratio first among the tentative weights."""
+    tentative = backend.sum_over_shards(torch.tensor(
+        [int(layer.tentative.sum()) for layer in record.layers.values()], dtype=torch.float64))
+    numels = [record.slices[n].full_numel for n in record.layers]
+    if scope == "global":
+        k = min(count_to_select(sum(numels), sparsity), int(tentative.sum()))
+        picked = backend.select_smallest(list(ratios.values()), k)
+    else:
+        per_layer = record.layer_sparsity or dict.fromkeys(record.layers, sparsity)
+        ks = [min(count_to_select(numel, per_layer[n]), int(t))
+              for n, numel, t in zip(record.layers, numels, tentative)]
+        picked = backend.select_smallest_each(list(ratios.values()), ks)
+    return {n: layer.expand(p) for (n, layer), p in zip(record.layers.items(), picked)}
+
+
+def _equivalent_threshold(record: ProbeRecord, ratios: dict[str, torch.Tensor],
+                          masks: dict[str, torch.Tensor], backend: Backend) -> float:
+    """The smallest gradient_threshold under which threshold mode would prune every weight
+    that ``masks`` prunes (the worst ratio pruned, minus 1), over all ranks."""
+    worst = max((float(ratios[n][masks[n][layer.tentative]].max())
+                 for n, layer in record.layers.items() if masks[n].any()), default=0.0)
+    worst = float(backend.all_reduce(torch.tensor([worst], dtype=torch.float64, device=backend.device), "max"))
+    return max(0.0, worst - 1.0)
+
+
+def _check_nm_masks(record: ProbeRecord, masks: dict[str, torch.Tensor], exact: bool) -> None:
+    """Every N:M-pruned layer must hold at most (threshold) or exactly (target) N zeros
+    per group; flat ZeRO-3 parts cut groups, so those are checked once gathered."""
+    if record.nm:
+        for name, mask in masks.items():
+            if record.slices[name].layout != "flat":
+                check_nm(mask, *record.nm, exact=exact)

@@ -3,6 +3,19 @@ from __future__ import annotations
 
 import math
 
+MODES = ("threshold", "target", "sparsegpt")
+TARGET_SCOPES = ("layer", "global")
+
+
+def is_int(value) -> bool:
+    """True for an int that is not a bool (``True`` is an ``int`` to Python, never a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """True for an int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 
 def check_prune_args(sparsity: float, num_batches: int, reduction_factor: float,
                      gradient_threshold: float) -> None:
@@ -11,7 +24,7 @@ def check_prune_args(sparsity: float, num_batches: int, reduction_factor: float,
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} is outside [0, 1): pass the fraction of weights "
                          "to prune, e.g. 0.5 for 50%")
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int):
+    if not is_int(num_batches):
         raise TypeError(f"num_batches must be an int, got {type(num_batches).__name__}")
     if num_batches < 1:
         raise ValueError(f"num_batches={num_batches} must be >= 1: the probe needs at least "
@@ -31,8 +44,20 @@ def check_threshold(gradient_threshold: float) -> None:
                          "tolerance such as 0.1")
 
 
+def check_mode(mode: str, oversample: float, target_scope: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown: use 'threshold' (prune what the probe "
+                         "finds redundant), 'target' (reach the sparsity exactly) or 'sparsegpt' "
+                         "(SparseGPT's mask, the probe as a veto)")
+    if not is_number(oversample) or oversample < 1.0:
+        raise ValueError(f"oversample={oversample!r} must be a number >= 1: the target mode "
+                         "probes oversample x sparsity candidates and keeps the best")
+    if target_scope not in TARGET_SCOPES:
+        raise ValueError(f"target_scope={target_scope!r} is unknown: use 'layer' or 'global'")
+
+
 def _number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name}={value} is not finite")

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from gradprobe_dist.parallel.base import Backend
-from gradprobe_dist.probe.decision import ProbeRecord, prune_decision
+from gradprobe_dist.probe.record import ProbeRecord, prune_decision
+from gradprobe_dist.probe.validation import is_number
 from gradprobe_dist.strategies.base import count_to_select
 
 _FLOAT_MAX = torch.finfo(torch.float32).max
@@ -25,7 +26,7 @@ _FLOAT_MAX = torch.finfo(torch.float32).max
 def check_fraction(fraction: float | None) -> None:
     if fraction is None:
         return
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+    if not is_number(fraction) or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"veto_fraction={fraction!r} must be a number in [0, 1] (the share of each "
                          "layer's candidates with the highest gradient ratio that SparseGPT keeps), "
                          "or None to veto by gradient_threshold")

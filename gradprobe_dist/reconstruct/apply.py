@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from gradprobe_dist.parallel.base import Backend
-from gradprobe_dist.probe.decision import ProbeRecord
+from gradprobe_dist.probe.record import ProbeRecord
 from gradprobe_dist.probe.params import transposed_linear_types
 from gradprobe_dist.reconstruct.layers import as_rows, on_main, works_in_place
 from gradprobe_dist.reconstruct.obs import accumulate_hessian, reconstruct_with_mask
@@ -52,8 +52,8 @@ def average_over_ranks(hessians: dict[str, list], backend: Backend) -> dict[str,
     out = {}
     for name in sorted(hessians):  # the same order on every rank
         H, n = hessians[name]
-        total = backend.all_reduce(torch.tensor([float(n)], dtype=torch.float64, device=H.device), "sum")
-        out[name] = backend.all_reduce(H * n, "sum") / float(total)
+        total = backend.sum_over_ranks(torch.tensor([float(n)], dtype=torch.float64, device=H.device))
+        out[name] = backend.sum_over_ranks(H * n) / float(total)
     return out
 
 

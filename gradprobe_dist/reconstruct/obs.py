@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from gradprobe_dist.probe.validation import is_int
 
 def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> int:
     """Fold inputs ``x [..., in]`` into ``H`` (in place) and return the new sample count.
@@ -64,7 +65,7 @@ def check_args(W: torch.Tensor, H: torch.Tensor, blocksize: int, percdamp: float
     if H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"H has shape {list(H.shape)} but W has {W.shape[1]} input columns: "
                          "accumulate H from this layer's inputs with accumulate_hessian")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+    if not is_int(blocksize) or blocksize < 1:
         raise ValueError(f"blocksize={blocksize!r} must be a positive int, e.g. 128")
     if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
         raise ValueError(f"percdamp={percdamp!r} must be a finite number >= 0, e.g. 0.01")

@@ -27,7 +27,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gradprobe_dist.parallel.select import LOCAL, select_smallest_each
+from gradprobe_dist.parallel.select import select_smallest_each
+from gradprobe_dist.probe.validation import is_number
 from gradprobe_dist.reconstruct.obs import check_args, obs_block, prepare
 from gradprobe_dist.strategies.base import count_to_select
 
@@ -36,7 +37,7 @@ SumCounts = Callable[[torch.Tensor], torch.Tensor]
 
 
 def select_locally(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
-    return select_smallest_each(scores, ks, group=LOCAL)
+    return select_smallest_each(scores, ks)
 
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int = 128,

@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from gradprobe_dist.runtime.log import get_logger
+from gradprobe_dist.runtime.log import get_logger, is_main_process
 
 log = get_logger(__name__)
 
@@ -48,7 +48,7 @@ class DistEnv:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return is_main_process(self.rank)
 
 
 @dataclass(frozen=True)

@@ -36,5 +36,7 @@ def get_logger(name: str = "gradprobe_dist") -> logging.Logger:
     return logging.getLogger(name)
 
 
-def is_main_process() -> bool:
-    return _rank() == 0
+def is_main_process(rank: int | None = None) -> bool:
+    """The one rank-0 check: True on the rank that logs progress and writes shared files.
+    ``rank`` defaults to the launcher's rank of this process (0 without a launcher)."""
+    return (_rank() if rank is None else rank) == 0

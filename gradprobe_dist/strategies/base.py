@@ -78,24 +78,9 @@ class SelectionContext:
         return where.full_numel // where.full_shape[0]
 
     def select_in_rows(self, name: str, local_scores: torch.Tensor, choose) -> torch.Tensor:
-        """Apply ``choose(scores[outputs, inputs]) -> mask`` to whole output features of
-        weight ``name`` and return this rank's local mask. They are local when the rank holds
-        the whole weight, or whole rows of an [out, in] weight (FSDP2 ``Shard(0)``); ZeRO-3's
-        flat partitions and FSDP2 rows of an [in, out] weight cut them, so that one layer is
-        gathered on the main rank, decided there and scattered back (one layer in memory)."""
-        where = self.slices[name]
-        transposed = name in self.transposed
-
-        def by_output(scores: torch.Tensor) -> torch.Tensor:
-            if transposed:
-                return choose(scores.T).T.contiguous()
-            return choose(scores.reshape(scores.shape[0], -1)).reshape(scores.shape)
-
-        if where.layout == "full" or (where.layout == "rows" and not transposed):
-            return by_output(local_scores)
-        full = self.backend.gather_full(name, local_scores)
-        full_mask = by_output(full.reshape(where.full_shape)) if full is not None else None
-        return self.backend.scatter_full(name, full_mask)
+        """``choose_per_output`` for weight ``name`` of this context."""
+        return choose_per_output(self.backend, name, self.slices[name], name in self.transposed,
+                                 local_scores, choose)
 
     def as_module(self) -> nn.Module | "LocalWeightsView":
         """What a user strategy's ``select_weights_to_prune`` receives as ``model``."""
@@ -135,6 +120,26 @@ class PruningStrategy(ABC):
     def select(self, context: SelectionContext, sparsity: float) -> dict[str, torch.Tensor]:
         """The probe's entry point; by default the original API on ``context.as_module()``."""
         return self.select_weights_to_prune(context.as_module(), sparsity)
+
+
+def choose_per_output(backend: Backend, name: str, where: LocalSlice, transposed: bool,
+                      local_scores: torch.Tensor, choose) -> torch.Tensor:
+    """Apply ``choose(scores[outputs, inputs]) -> mask`` to whole output features of weight
+    ``name`` and return this rank's local mask. They are local when the rank holds the whole
+    weight, or whole rows of an [out, in] weight (FSDP2 ``Shard(0)``); ZeRO-3's flat
+    partitions and FSDP2 rows of an [in, out] weight (``transposed``) cut them, so that one
+    layer is gathered on the main rank, decided there and scattered back (one layer in memory)."""
+
+    def by_output(scores: torch.Tensor) -> torch.Tensor:
+        if transposed:
+            return choose(scores.T).T.contiguous()
+        return choose(scores.reshape(scores.shape[0], -1)).reshape(scores.shape)
+
+    if where.layout == "full" or (where.layout == "rows" and not transposed):
+        return by_output(local_scores)
+    full = backend.gather_full(name, local_scores)
+    full_mask = by_output(full.reshape(where.full_shape)) if full is not None else None
+    return backend.scatter_full(name, full_mask)
 
 
 def count_to_select(numel: int, sparsity: float) -> int:

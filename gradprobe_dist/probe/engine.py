@@ -1,0 +1,218 @@
+"""The two gradient passes and the weight edits around them.
+
+The baseline pass folds every prunable weight's (rank-averaged) gradient into a statistic
+over the calibration batches; the tentatively selected weights are then scaled down
+(originals saved), the same batches are replayed, and every weight is restored bit-exactly,
+so the passes leave the model as they found it. Applying a decision's masks later zeroes
+the pruned weights and restores the rest from the same saved originals.
+
+Where gradients and weights live is the backend's business; NaN/inf is checked once per
+pass (no sync per batch) and, on a hit, diagnosed by replaying the batches one by one.
+A stage's frozen prefix (``prefix``) runs in the baseline pass only: the reduced pass
+replays its recorded output.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from gradprobe_dist.parallel.base import Backend
+from gradprobe_dist.probe import stats as statistics
+from gradprobe_dist.probe.batches import LossOfBatch, to_device
+from gradprobe_dist.probe.prefix import FrozenPrefix
+from gradprobe_dist.probe.record import LayerProbe
+from gradprobe_dist.reconstruct.apply import average_over_ranks, collect_input_hessians
+from gradprobe_dist.strategies.activations import collect_input_sq_norms
+
+
+@dataclass
+class Baseline:
+    """What the baseline pass measured: the statistic per weight, this rank's input-feature
+    norms (for activation-aware strategies) and the rank-averaged input Hessians (or None)."""
+
+    stats: dict[str, torch.Tensor]
+    input_sq_norms: dict[str, torch.Tensor]
+    hessians: dict[str, torch.Tensor] | None
+
+
+class ProbeEngine:
+    """Gradient passes over ``model``'s prunable weights ``param_names`` through ``backend``."""
+
+    def __init__(self, model: nn.Module, backend: Backend, param_names: list[str], statistic: str,
+                 stat_dtype: torch.dtype, stat_device: torch.device | None, prefix: FrozenPrefix):
+        self.model = model
+        self.backend = backend
+        self.param_names = param_names
+        self.statistic = statistic
+        self.stat_dtype = stat_dtype
+        self.stat_device = stat_device
+        self.prefix = prefix
+        #: what forward is called on (the backend's wrapper), once prepared
+        self.module: nn.Module | None = None
+
+    def ensure_prepared(self) -> None:
+        """Let the backend know the model (it must, to say where shards live)."""
+        if self.module is None:
+            self.module = self.backend.prepare(self.model, self.param_names)
+            self.backend.release()
+
+    @contextmanager
+    def session(self):
+        """Dropout off and the model prepared while inside; modes, gradients and the
+        backend's temporary state given back on the way out, whatever happens."""
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()  # dropout off: both passes must see the same function
+        try:
+            self.module = self.backend.prepare(self.model, self.param_names)
+            self.backend.zero_grad()  # gradients left by earlier training must not leak in
+            yield self
+        finally:
+            for module, training in modes.items():
+                module.training = training
+            self.backend.zero_grad()
+            self.backend.release()
+
+    # -- the two passes ----------------------------------------------------------------------
+    def baseline(self, batches: list, loss_of: LossOfBatch, verbose: bool, *,
+                 norms_of: dict[str, nn.Module], hessians_of: dict[str, nn.Module] | None) -> Baseline:
+        """The first pass; forward hooks on ``norms_of``/``hessians_of`` collect input norms and
+        Hessians on the way (no extra pass). ``hessians_of=None``: no Hessians."""
+        with collect_input_sq_norms(norms_of) as norms, \
+                collect_input_hessians(hessians_of or {}) as local, self.prefix.recording():
+            stats = self.gradient_pass(batches, loss_of, "baseline", verbose)
+        hessians = average_over_ranks(local, self.backend) if hessians_of is not None else None
+        return Baseline(stats, norms, hessians)
+
+    def reduced(self, batches: list, loss_of: LossOfBatch, tentative: dict[str, torch.Tensor],
+                baseline: dict[str, torch.Tensor], reduction_factor: float,
+                verbose: bool) -> dict[str, LayerProbe]:
+        """Scale the ``tentative`` weights by ``reduction_factor``, replay the batches, restore
+        every weight; returns each layer's old and new statistic at its tentative positions."""
+        layers = self._scale_selected(tentative, baseline, reduction_factor)
+        try:
+            with self.prefix.replaying():
+                reduced = self.gradient_pass(batches, loss_of, "reduced", verbose)
+        finally:
+            self.restore(layers)
+        for name, layer in layers.items():
+            layer.new = reduced.pop(name)[layer.tentative.to(self._stat_device(name))]
+        return layers
+
+    def gradient_pass(self, batches: list, loss_of: LossOfBatch, label: str,
+                      verbose: bool) -> dict[str, torch.Tensor]:
+        """Forward + backward of every batch, each weight's gradient folded into its statistic."""
+        backend = self.backend
+        acc = {n: statistics.new_accumulator(backend.local_weight(n), self.stat_dtype,
+                                             self._stat_device(n)) for n in self.param_names}
+        bar = tqdm(batches, desc=f"{label} pass", disable=not (verbose and backend.is_main),
+                   leave=False)
+        loss_finite = []
+        for index, batch in enumerate(bar):
+            self.prefix.select(index)
+            loss = loss_of(self.module, to_device(batch, backend.device))
+            loss_finite.append(torch.isfinite(loss.detach()))  # no sync: read once per pass
+            backend.backward(loss)
+            for name in self.param_names:
+                statistics.accumulate(acc[name], self._local_grad(name, index), self.statistic)
+            backend.zero_grad()
+        self._check_pass_finite(acc, loss_finite, batches, loss_of, label)
+        return {n: statistics.finalize(a, self.statistic, len(batches)) for n, a in acc.items()}
+
+    # -- weight edits ------------------------------------------------------------------------
+    def _scale_selected(self, tentative: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor],
+                        reduction_factor: float) -> dict[str, LayerProbe]:
+        """Save the selected originals, keep the baseline only where selected, scale down."""
+        layers = {}
+        with torch.no_grad():
+            for name, mask in tentative.items():
+                w = self.backend.local_weight(name)
+                old = baseline.pop(name)[mask.to(self._stat_device(name))]
+                layers[name] = LayerProbe(tentative=mask, old=old, originals=w[mask])  # a copy
+                # x * 1.0 is exact, so unselected weights keep their bits
+                w.mul_(torch.where(mask, reduction_factor, 1.0).to(w.dtype))
+        self.backend.commit_weights(self.param_names)
+        return layers
+
+    def restore(self, layers: dict[str, LayerProbe]) -> None:
+        """Every tentative weight back to its saved original, bit-exactly."""
+        with torch.no_grad():
+            for name, layer in layers.items():
+                w = self.backend.local_weight(name)
+                w[layer.tentative] = layer.originals
+        self.backend.commit_weights(self.param_names)
+
+    def apply_masks(self, layers: dict[str, LayerProbe], masks: dict[str, torch.Tensor]) -> None:
+        """Zero ``masks`` (a subset of the tentative sets), restore every other tentative
+        weight bit-exactly from its saved original."""
+        with torch.no_grad():
+            for name, layer in layers.items():
+                w = self.backend.local_weight(name)
+                w[layer.tentative] = layer.decided_values(masks[name]).to(w.device)
+        self.backend.commit_weights(self.param_names)
+
+    # -- gradients and their checks ----------------------------------------------------------
+    def _stat_device(self, name: str) -> torch.device:
+        return self.stat_device or self.backend.local_weight(name).device
+
+    def _local_grad(self, name: str, index: int) -> torch.Tensor:
+        grad = self.backend.local_grad(name)
+        if grad is None:
+            self.backend.zero_grad()
+            raise ValueError(f"parameter {name!r} received no gradient in calibration batch "
+                             f"{index}: the forward pass does not use it; exclude it with "
+                             f"exclude=['{name}']")
+        return grad
+
+    def _check_pass_finite(self, acc: dict[str, torch.Tensor], loss_finite: list, batches: list,
+                           loss_of: LossOfBatch, label: str) -> None:
+        """One check per pass: NaN/inf survive max/add into the accumulators, and each batch's
+        loss flag was kept. On a hit (rare), every rank replays the batches one by one to name
+        the first bad batch and parameter; checking every gradient of every batch would cost a
+        full extra read per step."""
+        losses_ok = torch.stack(loss_finite).cpu()
+        first_bad_loss = int((~losses_ok).nonzero()[0]) if not bool(losses_ok.all()) else len(batches)
+        stats_ok = bool(torch.stack([torch.isfinite(a).all() for a in acc.values()]).all())
+        flag = torch.tensor([first_bad_loss, int(stats_ok)], dtype=torch.int64, device=self.backend.device)
+        first_bad_loss, stats_ok = self.backend.all_reduce(flag, "min").tolist()
+        if first_bad_loss == len(batches) and stats_ok:
+            return
+        for index, batch in enumerate(batches):
+            self.prefix.select(index)
+            loss = loss_of(self.module, to_device(batch, self.backend.device))
+            self.backend.backward(loss)
+            finite = [torch.isfinite(self._local_grad(n, index)).all() for n in self.param_names]
+            self.backend.zero_grad()
+            self._raise_if_not_finite(index, label, loss, finite)
+        if first_bad_loss < len(batches):
+            raise FloatingPointError(
+                f"non-finite loss (NaN/inf) in calibration batch {first_bad_loss} of the {label} pass "
+                "(it did not recur when the batches were replayed: something in the loss or the "
+                "model is not deterministic); the model was left unchanged. Check that batch and "
+                "the loss function for NaN/inf")
+        raise FloatingPointError(
+            f"the gradient statistic of the {label} pass overflowed in {self.stat_dtype} although "
+            "every gradient is finite when replayed: use stat_dtype=torch.float32")
+
+    def _raise_if_not_finite(self, index: int, label: str, loss: torch.Tensor, finite: list) -> None:
+        """Every rank raises the same error for the first non-finite gradient (no hang)."""
+        names = self.param_names
+        ok = torch.stack(finite).cpu() if finite else torch.ones(0, dtype=torch.bool)
+        bad_local = len(names) + 1
+        if not bool(ok.all()):
+            bad_local = int((~ok).nonzero()[0])
+        elif not bool(torch.isfinite(loss.detach()).cpu()):
+            bad_local = len(names)
+        flag = torch.tensor([bad_local], dtype=torch.int64, device=self.backend.device)
+        bad = int(self.backend.all_reduce(flag, "min").item())
+        if bad > len(names):
+            return
+        what = f"parameter {names[bad]!r}" if bad < len(names) else "the loss"
+        raise FloatingPointError(
+            f"non-finite gradient (NaN/inf) in calibration batch {index} of the {label} pass, in "
+            f"{what} (loss on rank {self.backend.rank}: {float(loss.detach()):.4g}); the model was "
+            "left unchanged. Check that batch for NaN/inf inputs or labels; with fp16 weights "
+            "try float32/bfloat16; lower the data's scale if activations overflow")
