@@ -172,5 +172,5 @@ def _check_pattern(weights: Sequence[torch.Tensor], sparsity: float, nm: tuple[i
             if W.dim() == 2 and (W.shape[1] % m or blocksize % m):
                 raise ValueError(f"N:M groups of {m} must tile the {W.shape[1]} input columns and "
                                  f"blocksize={blocksize}: pick prune_m dividing both")
-    elif isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+    elif not is_number(sparsity) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} is outside [0, 1): pass the fraction to prune, e.g. 0.5")
