@@ -9,7 +9,7 @@ import torch
 
 from gradprobe_dist import SparseGPT
 from gradprobe_dist.checkpoint.store import MaskCheckpoint, apply_masks, load_masks
-from gradprobe_dist.data.loader import calibration_batches
+from gradprobe_dist.data.loader import shard_batches
 from gradprobe_dist.pipeline.config import ConfigError, load_config
 from gradprobe_dist.pipeline.job import UPDATED_WEIGHT_KEY, apply_saved_weights
 from gradprobe_dist.strategies.base import count_to_select
@@ -35,7 +35,7 @@ def test_plain_sparsegpt_runs_block_after_block_and_exports_its_updated_weights(
     masks = load_masks(tmp_path / "masks")
 
     # by hand: SparseGPT on blocks.0, then on blocks.1 through the pruned blocks.0, ...
-    batches = calibration_batches(tiny_data["calib"], micro_batch_size=2, num_batches=4)
+    batches = shard_batches(tiny_data["calib"], micro_batch_size=2, num_batches=4)
     manual = copy.deepcopy(original)
     for stage in STAGE_LAYERS:
         by_hand = SparseGPT(manual, include=stage).prune(batches, 0.5, 4)

@@ -118,7 +118,7 @@ def validate(args):
 def check_inputs(cfg: RunConfig) -> list[str]:
     """What prune would read, read now (weights, calibration and evaluation samples, as one
     rank would): a missing, unreadable or mismatched input fails validate, not a later run."""
-    from gradprobe_dist.data.loader import calibration_batches
+    from gradprobe_dist.data.loader import shard_batches
 
     lines, vocab_size = [], _vocab_size_of(cfg)
     if cfg.model.path:
@@ -126,7 +126,7 @@ def check_inputs(cfg: RunConfig) -> list[str]:
     for key, shards, batches in (("data.shards", cfg.data.shards, cfg.prune.num_batches),
                                  ("data.eval_shards", cfg.data.eval_shards, cfg.data.eval_batches)):
         if shards:
-            calibration_batches(shards, micro_batch_size=cfg.data.micro_batch_size, num_batches=batches,
+            shard_batches(shards, micro_batch_size=cfg.data.micro_batch_size, num_batches=batches,
                                 vocab_size=vocab_size)
             lines.append(f"{key} {shards}: {batches} batches of {cfg.data.micro_batch_size} samples "
                          "read and checked (one rank's share)")

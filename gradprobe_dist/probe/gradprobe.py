@@ -32,9 +32,8 @@ from gradprobe_dist.probe.record import ProbeRecord
 from gradprobe_dist.probe.tentative import (allocate_layers, check_allocation, check_pattern,
                                             checked_masks, nm_pattern, selection_context)
 from gradprobe_dist.probe.validation import check_mode, check_prune_args, check_threshold
-from gradprobe_dist.probe.veto import check_fraction, probe_vetoes
+from gradprobe_dist.probe.veto import check_fraction, sparsegpt_with_veto
 from gradprobe_dist.reconstruct.apply import compensate
-from gradprobe_dist.reconstruct.layers import sparsegpt_masks
 from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.strategies.allocation import Allocation, owl_scores, redundancy_scores
 from gradprobe_dist.strategies.base import PruningStrategy
@@ -274,7 +273,8 @@ class GradProbe:
         if mode == "sparsegpt":
             check_mode(mode, 1.0, target_scope)
             check_threshold(gradient_threshold)
-            masks = self._decide_with_sparsegpt(record, sparsity, gradient_threshold, veto_fraction, reconstruct)
+            masks = sparsegpt_with_veto(self.backend, record, sparsity, gradient_threshold, veto_fraction,
+                                        reconstruct)
             decision = counted(record, masks, self.backend)
             self.masks, self.equivalent_threshold = decision.masks, None
             return decision
@@ -288,19 +288,6 @@ class GradProbe:
             compensate(self.backend, record, decision.masks, transposed=record.transposed)
         self.masks, self.equivalent_threshold = decision.masks, decision.equivalent_threshold
         return decision
-
-    def _decide_with_sparsegpt(self, record: ProbeRecord, sparsity: float, gradient_threshold: float,
-                               veto_fraction: float | None, reconstruct: bool) -> dict[str, torch.Tensor]:
-        """SparseGPT's masks with the probe's veto; SparseGPT updates the kept weights itself."""
-        if reconstruct:
-            raise ValueError("mode='sparsegpt' updates the kept weights itself: drop reconstruct=True")
-        missing = [n for n in record.layers if n not in (record.hessians or {})]
-        if missing:
-            raise ValueError(f"mode='sparsegpt' needs the input Hessian of every probed layer "
-                             f"(probe(..., hessians=True), Linear layers only); {missing[0]!r} has none")
-        vetoes = probe_vetoes(self.backend, record, gradient_threshold, veto_fraction)
-        return sparsegpt_masks(self.backend, record.hessians, sparsity, nm=record.nm, vetoes=vetoes,
-                               transposed=record.transposed)
 
     def _report(self, decision: Decision, target: float) -> None:
         sparsity = self.get_sparsity()  # a collective: every rank calls it

@@ -18,6 +18,7 @@ import torch
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.probe.record import ProbeRecord, prune_decision
 from gradprobe_dist.probe.validation import is_number
+from gradprobe_dist.reconstruct.layers import sparsegpt_masks
 from gradprobe_dist.strategies.base import count_to_select
 
 _FLOAT_MAX = torch.finfo(torch.float32).max
@@ -46,3 +47,18 @@ def probe_vetoes(backend: Backend, record: ProbeRecord, gradient_threshold: floa
     picked = backend.select_smallest_each(highest_first, [count_to_select(int(c), fraction)
                                                           for c in candidates.tolist()])
     return {n: record.layers[n].expand(p) for n, p in zip(names, picked)}
+
+
+def sparsegpt_with_veto(backend: Backend, record: ProbeRecord, sparsity: float, gradient_threshold: float,
+                        fraction: float | None, reconstruct: bool) -> dict[str, torch.Tensor]:
+    """``mode="sparsegpt"``: SparseGPT's masks with the probe's veto; SparseGPT updates the
+    kept weights itself (a collective)."""
+    if reconstruct:
+        raise ValueError("mode='sparsegpt' updates the kept weights itself: drop reconstruct=True")
+    missing = [n for n in record.layers if n not in (record.hessians or {})]
+    if missing:
+        raise ValueError(f"mode='sparsegpt' needs the input Hessian of every probed layer "
+                         f"(probe(..., hessians=True), Linear layers only); {missing[0]!r} has none")
+    vetoes = probe_vetoes(backend, record, gradient_threshold, fraction)
+    return sparsegpt_masks(backend, record.hessians, sparsity, nm=record.nm, vetoes=vetoes,
+                           transposed=record.transposed)
