@@ -129,7 +129,7 @@ class GradProbe:
         decision = self._decide(record, sparsity, mode, gradient_threshold, target_scope, reconstruct,
                                 veto_fraction)
         if verbose:
-            self._report(decision, sparsity)
+            _report(self, decision, sparsity)
         return self.masks
 
     def decide(self, record: ProbeRecord, sparsity: float, *, mode: str = "threshold",
@@ -289,10 +289,11 @@ class GradProbe:
         self.masks, self.equivalent_threshold = decision.masks, decision.equivalent_threshold
         return decision
 
-    def _report(self, decision: Decision, target: float) -> None:
-        sparsity = self.get_sparsity()  # a collective: every rank calls it
-        if self.backend.is_main:
-            tentative, pruned = sum(decision.tentative.values()), decision.total_pruned
-            log.info("%s: %d tentatively selected, %d pruned, %d restored; sparsity %.2f%% "
-                     "(target %.2f%%)", self.strategy.get_name(), tentative, pruned,
-                     tentative - pruned, 100 * sparsity, 100 * target)
+
+def _report(probe: GradProbe, decision: Decision, target: float) -> None:
+    sparsity = probe.get_sparsity()  # a collective: every rank calls it
+    if probe.backend.is_main:
+        tentative, pruned = sum(decision.tentative.values()), decision.total_pruned
+        log.info("%s: %d tentatively selected, %d pruned, %d restored; sparsity %.2f%% "
+                 "(target %.2f%%)", probe.strategy.get_name(), tentative, pruned,
+                 tentative - pruned, 100 * sparsity, 100 * target)
