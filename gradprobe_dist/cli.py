@@ -70,6 +70,11 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print only the result, as JSON, on stdout")
 
 
+def _partial_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept a checkpoint whose prune has not finished (missing layers stay dense)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gradprobe", description="Gradient-probing pruner")
     # the deepspeed launcher inserts --local_rank=N; the rank comes from the environment anyway
@@ -80,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     _output_args(p)
     p.add_argument("--restart", action="store_true", help="discard an existing checkpoint in output_dir")
+    p.add_argument("--redo-from-stage", type=int, metavar="S",
+                   help="recompute stage S (1-based) and every later one, keeping the earlier stages")
     p.add_argument("--eval", action="store_true", help="also report eval loss/perplexity before and after")
 
     p = sub.add_parser("sweep", help="one probe, every prune.thresholds value decided and evaluated")
@@ -114,14 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to save the weights (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
-    p = sub.add_parser("inspect", help="per-layer table of a mask checkpoint")
+    p = sub.add_parser("inspect", help="per-layer table of a mask checkpoint (checksums verified)")
     p.add_argument("directory")
+    _partial_arg(p)
     _output_args(p)
 
     p = sub.add_parser("eval", help="loss/perplexity or accuracy, optionally with a mask checkpoint applied")
     _config_args(p)
     _output_args(p)
     p.add_argument("--masks", help="mask checkpoint directory to apply first (any world size wrote it)")
+    _partial_arg(p)
 
     p = sub.add_parser("export", help="apply a mask checkpoint and save the pruned model")
     _config_args(p)
@@ -141,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", help="mask checkpoint (prune output_dir, or an iterative round-NNN)")
     p.add_argument("--out", required=True, help="directory for the PNG files")
     p.add_argument("--max-threshold", type=float, default=1.0, help="threshold curve from 0 to this")
+    _partial_arg(p)
     _output_args(p)
     return parser
 
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                             category=FutureWarning)
     from gradprobe_dist.pipeline import commands
     from gradprobe_dist.runtime.env import destroy_distributed
-    from gradprobe_dist.pipeline.job import MainRankFailed
+    from gradprobe_dist.checkpoint.relay import MainRankFailed
 
     try:
         result = getattr(commands, args.command.replace("-", "_"))(args)

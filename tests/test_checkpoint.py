@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gradprobe_dist.checkpoint import store as ckpt
-from gradprobe_dist.checkpoint.store import (
+from gradprobe_dist.checkpoint import format as ckpt
+from gradprobe_dist.checkpoint import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     MaskCheckpoint,

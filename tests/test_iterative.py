@@ -7,10 +7,11 @@ import torch
 import torch.nn as nn
 
 from gradprobe_dist import GradProbe, MagnitudePruning, SimpleMLP, WandaPruning
-from gradprobe_dist.checkpoint.store import (CheckpointMismatchError, MaskCheckpoint, load_masks,
-                                       model_fingerprint)
-from gradprobe_dist.pipeline.rounds import WEIGHTS_FILE, iterative_prune, schedule_values, tentative_fraction
-from gradprobe_dist.pipeline.plots import RATIO_KEY
+from gradprobe_dist.checkpoint import (CheckpointMismatchError, MaskCheckpoint, load_masks,
+                                      model_fingerprint)
+from gradprobe_dist.pipeline.iterative import WEIGHTS_FILE, iterative_prune
+from gradprobe_dist.pipeline.rounds import schedule_values, tentative_fraction
+from gradprobe_dist.checkpoint.format import RATIO_KEY
 from gradprobe_dist.strategies.base import count_to_select
 
 LOSS = nn.CrossEntropyLoss()

@@ -13,14 +13,15 @@ import torch
 import yaml
 
 from gradprobe_dist import GradProbe, MagnitudePruning
-from gradprobe_dist.pipeline import job as pipeline_module
+from gradprobe_dist.pipeline import stages as stage_module
 from gradprobe_dist.checkpoint.store import MaskCheckpoint, load_masks
 from gradprobe_dist.pipeline.config import load_config
 from gradprobe_dist.data.loader import shard_batches
 from gradprobe_dist.data.shards import bundled_text_path, write_tensor_shards, write_text_shards
 from gradprobe_dist.runtime.env import DistEnv
 from gradprobe_dist.models import TinyGPT, TinyGPTConfig
-from gradprobe_dist.pipeline.job import PruneJob, plan_stages
+from gradprobe_dist.pipeline.job import PruneJob
+from gradprobe_dist.pipeline.stages import plan_stages
 
 TINY_GPT = {"vocab_size": 256, "block_size": 16, "n_layer": 3, "n_head": 2, "n_embd": 16}
 STAGE_LAYERS = [[f"blocks.{b}.{m}.weight" for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")]
@@ -107,7 +108,7 @@ def test_a_stage_probes_on_earlier_stages_pruned_and_matches_a_manual_two_step_r
             seen.append({n: params[n].detach().clone() for n in STAGE_LAYERS[0]})
             return super().probe(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "GradProbe", Spy)
+    monkeypatch.setattr(stage_module, "GradProbe", Spy)
     job = job_for(config)
     original = copy.deepcopy(job.model)
     job.run()
@@ -142,7 +143,7 @@ def test_each_stage_is_on_disk_before_the_next_stage_probes(tiny_data, tmp_path,
             events.append(("probe", self.param_names[0], tuple(on_disk)))
             return super().probe(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "GradProbe", Spy)
+    monkeypatch.setattr(stage_module, "GradProbe", Spy)
     result = job_for(config).run()
     assert [e[1] for e in events] == [stage[0] for stage in STAGE_LAYERS]
     for index, (_, _, on_disk) in enumerate(events):

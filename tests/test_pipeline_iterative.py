@@ -2,8 +2,7 @@
 
 One process: every round reaches its schedule value exactly (target mode), masks only grow,
 each round directory is a complete mask checkpoint and ``output_dir`` holds the last round;
-the pipeline with one stage decides as the library's ``iterative_prune``; resumes end
-identical; a changed ``prune.rounds``/``prune.schedule`` is refused naming the key.
+resumes end identical; a changed ``prune.rounds``/``prune.schedule`` is refused naming the key.
 Two ranks: DDP and ZeRO-3 (``run_ranks``) and a real FSDP torchrun job agree with one
 process fed the same global batches, and a torchrun resume ends identical.
 """
@@ -22,12 +21,8 @@ import torch
 from gradprobe_dist import cli
 from gradprobe_dist.checkpoint.store import MaskCheckpoint, load_masks
 from gradprobe_dist.pipeline.config import load_config
-from gradprobe_dist.data.loader import shard_batches
 from gradprobe_dist.runtime.env import DistEnv
-from gradprobe_dist.pipeline.rounds import iterative_prune
-from gradprobe_dist.pipeline.job import PruneJob, build_configured_model
-from gradprobe_dist.probe.gradprobe import GradProbe
-from gradprobe_dist.strategies import MagnitudePruning
+from gradprobe_dist.pipeline.job import PruneJob
 
 sys.path.insert(0, os.path.dirname(__file__))
 from multiproc import run_ranks  # noqa: E402
@@ -123,28 +118,6 @@ def test_target_rounds_reach_the_schedule_exactly_and_masks_only_grow(target_run
     assert all(torch.equal(final.load_layer(n), previous[n]) for n in LAYERS)
     rows = run_json(capsys, "inspect", round_dir(masks, 2))  # the CLI reads a round directory
     assert [r["name"] for r in rows] == LAYERS
-
-
-@pytest.mark.parametrize("mode", ["target", "threshold"])
-def test_one_stage_rounds_decide_as_the_library_iterative_prune(data, tmp_path, mode):
-    config = write_config(tmp_path / "run.yaml", data, output_dir=tmp_path / "masks",
-                          prune={"mode": mode, "rounds": ROUNDS, "stage_size": 0, "gradient_threshold": 0.1})
-    cfg = load_config(config)
-    with PruneJob(cfg, ONE_PROCESS, show_progress=False) as job:
-        result = job.run()
-
-    probe = GradProbe(build_configured_model(cfg), MagnitudePruning())
-    batches = shard_batches(cfg.data.shards, micro_batch_size=2, num_batches=4)
-    rows = iterative_prune(probe, batches, target=TARGET, rounds=ROUNDS, schedule="cubic", num_batches=4,
-                           mode=mode, gradient_threshold=0.1, checkpoint_dir=tmp_path / "library")
-    for r in range(1, ROUNDS + 1):
-        ours, library = load_masks(round_dir(tmp_path / "masks", r)), load_masks(round_dir(tmp_path / "library", r))
-        assert all(torch.equal(ours[n], library[n]) for n in LAYERS), f"round {r}"
-    assert [row["sparsity"] for row in result.rounds] == pytest.approx([row["sparsity"] for row in rows])
-    assert [row["schedule"] for row in result.rounds] == pytest.approx([cubic(r) for r in (1, 2, 3)])
-    if mode == "threshold":  # at or below the schedule, and some weights restored
-        assert all(row["sparsity"] <= row["schedule"] + 1e-9 for row in result.rounds)
-        assert result.rounds[-1]["sparsity"] < TARGET
 
 
 def test_resume_after_losing_the_last_rounds_tail_ends_identical(target_run, tmp_path, capsys):

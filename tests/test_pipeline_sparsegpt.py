@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradprobe_dist import SparseGPT
-from gradprobe_dist.checkpoint.store import MaskCheckpoint, apply_masks, load_masks
+from gradprobe_dist.checkpoint import MaskCheckpoint, apply_masks, load_masks
 from gradprobe_dist.data.loader import shard_batches
 from gradprobe_dist.pipeline.config import ConfigError, load_config
 from gradprobe_dist.pipeline.job import UPDATED_WEIGHT_KEY, apply_saved_weights
@@ -72,7 +72,7 @@ def test_probe_veto_mode_reaches_the_sparsity_and_a_resume_restores_the_weights(
     again = job_for(config)  # every stage on disk: applied, not recomputed
     again.model.load_state_dict(original.state_dict())
     result = again.run()
-    assert result.stages_skipped == len(STAGE_LAYERS) and not result.layers_written
+    assert result.stages_resumed == len(STAGE_LAYERS) and not result.layers_written
     for name, weight in _weights(again.model).items():
         assert torch.equal(weight, pruned[name]), name
 

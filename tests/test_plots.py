@@ -8,10 +8,11 @@ import torch.nn as nn
 from PIL import Image
 
 from gradprobe_dist import GradProbe, MagnitudePruning, SimpleMLP
-from gradprobe_dist.checkpoint.store import MaskCheckpoint, model_fingerprint
-from gradprobe_dist.pipeline.rounds import iterative_prune
-from gradprobe_dist.pipeline.plots import (RATIO_KEY, draw_ratio_histograms, plot_checkpoint, ratio_tensors,
-                                  threshold_curve)
+from gradprobe_dist.checkpoint import MaskCheckpoint, model_fingerprint
+from gradprobe_dist.checkpoint.format import RATIO_KEY
+from gradprobe_dist.pipeline.iterative import iterative_prune
+from gradprobe_dist.pipeline.plots import (draw_ratio_histograms, plot_checkpoint, ratio_tensors,
+                                           threshold_curve)
 
 LOSS = nn.CrossEntropyLoss()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

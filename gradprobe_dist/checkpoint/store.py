@@ -3,209 +3,122 @@ killed job resumes where it stopped instead of re-probing the whole model.
 
 Layout of a checkpoint directory::
 
-    manifest.json                 what is done, for which model and which config
-    layers/<name>.safetensors     one mask per weight, 1 bit per element (+ optional tensors)
+    manifest.json                 what is done, for which model and which config (format.py)
+    layers/<name>.safetensors     one mask per weight, 1 bit per element (masks.py)
 
-Crash safety: every file is written to a temporary file in the same directory, fsynced,
-``os.replace``d over its target, and the directory is fsynced. The layer file goes first
-and the manifest last, so the manifest only ever lists layers whose files are complete;
-a crash at any point leaves the previous manifest valid.
+Crash safety: every file is written atomically (files.py). The layer file goes first and
+the manifest last, so the manifest only ever lists layers whose files are complete; a crash
+at any point leaves the previous manifest valid. The checkpoint only ever deletes files its
+manifest names: a directory that holds other files and no manifest is refused.
 
 Masks are keyed by *parameter* name (``model.named_parameters()`` of the unwrapped model,
 e.g. ``"h.0.attn.c_attn.weight"``); True means pruned.
 
 This class is rank-agnostic: it writes whenever asked. In a distributed run only the main
-rank may create, save into or restart a checkpoint; other ranks may read it.
+rank creates, saves into or restarts a checkpoint (``relay.RankZeroCheckpoint``).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
-import torch.nn as nn
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
 
+from gradprobe_dist.checkpoint.files import atomic_write, fsync_directory, remove_temp_files
+from gradprobe_dist.checkpoint.format import (COMPUTED_FIELDS, FIX, FORMAT_VERSION, LAYERS_DIR,
+                                              MANIFEST_NAME, OWN_FILES, PLANNED_KEY, REQUIRED_STATS,
+                                              STAGE_KEY, CheckpointMismatchError,
+                                              CorruptCheckpointError, PartialCheckpointError,
+                                              config_differences, config_hash,
+                                              fingerprint_differences, first_few, json_normalised,
+                                              manifest_bytes, read_manifest)
+from gradprobe_dist.checkpoint.lock import LOCK_NAME
+from gradprobe_dist.checkpoint.masks import (BITS_KEY, SHAPE_KEY, decode_layer, encode_layer,
+                                             layer_file_name, unpack_mask)
 from gradprobe_dist.runtime.log import get_logger
-
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-LAYERS_DIR = "layers"
-_BITS_KEY = "mask_bits"
-_SHAPE_KEY = "mask_shape"
-_REQUIRED_STATS = ("tentative", "restored", "seconds")
-# Entry fields the checkpoint derives itself; callers must not supply them in ``stats``.
-_COMPUTED_FIELDS = ("file", "shape", "numel", "pruned", "sparsity", "sha256", "tensors")
-_MANIFEST_KEYS = ("format_version", "model_fingerprint", "config", "config_hash", "layers", "order")
-_FIX = "rerun with --restart to discard it, or choose another output directory"
 
 logger = get_logger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint on disk was made for another model or another config."""
+def foreign_files(directory: Path) -> list[str]:
+    """Files in ``directory`` that no checkpoint wrote (it has no manifest to name them)."""
+    if not directory.is_dir():
+        return []
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                  if p.is_file() and p.name != LOCK_NAME)
 
 
-class CorruptCheckpointError(ValueError):
-    """A manifest or layer file is unreadable, missing, or fails its checksum."""
+def refuse_foreign(directory: Path) -> None:
+    """Refuse a directory without a manifest that holds files: they are someone else's."""
+    found = foreign_files(directory)
+    if found:
+        raise ValueError(
+            f"'{directory}' is not a mask checkpoint (no {MANIFEST_NAME}) but holds "
+            f"{len(found)} file(s), e.g. '{found[0]}': a prune writes only into a new, an "
+            "empty or a checkpoint directory, and --restart deletes only what a checkpoint's "
+            "manifest names; choose another output_dir, or move those files away"
+        )
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def model_fingerprint(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{parameter name: {"shape": [...], "dtype": "float32"}}`` for every parameter.
-
-    Pass the *unwrapped* model (``ddp.module``, ``engine.module``, or the model before
-    ``fully_shard``): wrappers add name prefixes (``module.``) that would not match.
-    ZeRO-3 partitions a parameter to shape ``[0]``; its full shape is read from ``ds_shape``.
-    """
-    return {
-        name: {
-            "shape": list(getattr(param, "ds_shape", param.shape)),
-            "dtype": str(param.dtype).removeprefix("torch."),
-        }
-        for name, param in model.named_parameters()
-    }
-
-
-def _json_normalised(value: Any, what: str) -> Any:
-    """The value as it will read back from JSON (tuples become lists), so resume compares equal."""
+def discard(directory: Path) -> None:
+    """Delete the files the manifest names, then the manifest: a crash in between leaves a
+    manifest whose missing files fail their checks, never a half-deleted valid state."""
+    path = directory / MANIFEST_NAME
+    if not path.exists():
+        return
+    logger.warning("--restart: discarding the mask checkpoint in %s", directory)
     try:
-        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
-    except (TypeError, ValueError) as err:
+        entries = read_manifest(directory)["layers"].values()
+    except (CorruptCheckpointError, CheckpointMismatchError):
+        entries = []  # unreadable: its layer files are overwritten as layers are saved again
+    for entry in entries:
+        (directory / entry["file"]).unlink(missing_ok=True)
+    path.unlink()
+    fsync_directory(directory)
+
+
+def check_new_layer(manifest: dict, directory: Path, name: str, mask: Any, stats: Mapping,
+                    tensors: dict) -> None:
+    """Refuse a layer that cannot be saved, before anything is written."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(
-            f"{what} must be JSON-serialisable (str, int, float, bool, None, list, dict); "
-            f"convert it to such values first ({err})"
-        ) from None
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of ``config``: equal configs hash equal on any machine."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _layer_file_name(name: str) -> str:
-    """A safe file name for a layer; names that had to be altered get a hash so they stay unique."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
-    if safe != name or len(safe) > 200:
-        safe = f"{safe[:200]}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
-    return f"{safe}.safetensors"
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a reader sees either the old or the new file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _remove_temp_files(directory: Path) -> None:
-    """Temporary files left by a killed writer are never valid data."""
-    for pattern in (".*.tmp", f"{LAYERS_DIR}/.*.tmp"):
-        for leftover in directory.glob(pattern):
-            leftover.unlink(missing_ok=True)
-
-
-def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A CPU BoolTensor as uint8, 1 bit per element, little-endian within each byte."""
-    bits = np.packbits(mask.reshape(-1).numpy(), bitorder="little")
-    return torch.from_numpy(bits)
-
-
-def _unpack_mask(bits: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    numel = int(np.prod(shape, dtype=np.int64))
-    flat = np.unpackbits(bits.numpy(), count=numel, bitorder="little").astype(bool)
-    return torch.from_numpy(flat).reshape(shape)
-
-
-def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    return (json.dumps(manifest, indent=1, allow_nan=False) + "\n").encode("utf-8")
-
-
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``manifest.json`` of a checkpoint, checked for the fields this module needs."""
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no {MANIFEST_NAME} in '{directory}': it is not a mask checkpoint directory; "
-            "check the path (a new checkpoint is created by MaskCheckpoint.open)"
+            f"mask for '{name}' must be a torch.BoolTensor (True = pruned), got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)}; convert it with mask.bool()"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptCheckpointError(f"'{path}' is not valid JSON ({err}); {_FIX}") from None
-    missing = [key for key in _MANIFEST_KEYS if not isinstance(manifest, dict) or key not in manifest]
+    if name in manifest["layers"]:
+        raise ValueError(
+            f"layer '{name}' is already saved in '{directory}'; skip layers listed "
+            f"by completed(), or {FIX}"
+        )
+    expected = manifest["model_fingerprint"].get(name)
+    if expected is None:
+        raise ValueError(
+            f"'{name}' is not a parameter of the model this checkpoint was opened for; "
+            "masks are keyed by parameter name from the unwrapped model's named_parameters()"
+        )
+    if list(mask.shape) != expected["shape"]:
+        raise ValueError(
+            f"mask for '{name}' has shape {list(mask.shape)} but the parameter has shape "
+            f"{expected['shape']}; save the full (gathered) mask, not a shard"
+        )
+    missing = [key for key in REQUIRED_STATS if key not in stats]
     if missing:
-        raise CorruptCheckpointError(f"'{path}' lacks the field(s) {missing}; {_FIX}")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise CheckpointMismatchError(
-            f"'{path}' has format_version {manifest['format_version']!r}, this code reads "
-            f"{FORMAT_VERSION}; {_FIX}"
+        raise ValueError(f"stats for '{name}' lack {missing}; pass them in stats=")
+    computed = [key for key in COMPUTED_FIELDS if key in stats]
+    if computed:
+        raise ValueError(
+            f"stats for '{name}' contain {computed}, which the checkpoint computes itself; "
+            "leave them out"
         )
-    if sorted(manifest["order"]) != sorted(manifest["layers"]):
-        raise CorruptCheckpointError(
-            f"'{path}': 'order' and 'layers' list different layer names; {_FIX}"
+    bad = [key for key, t in tensors.items()
+           if key in (BITS_KEY, SHAPE_KEY) or not isinstance(t, torch.Tensor)]
+    if bad:
+        raise TypeError(
+            f"extra tensors for '{name}' named {bad} are not allowed: values must be "
+            f"torch.Tensor and '{BITS_KEY}', '{SHAPE_KEY}' are reserved for the mask"
         )
-    return manifest
-
-
-def _first_few(lines: list[str], limit: int = 5) -> list[str]:
-    return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
-
-
-def _config_differences(recorded: Mapping, current: Mapping) -> list[str]:
-    """One sentence per config field whose value differs between the checkpoint and now."""
-    lines = []
-    for key in sorted(set(recorded) | set(current)):
-        if recorded.get(key, ...) != current.get(key, ...):
-            then = json.dumps(recorded[key]) if key in recorded else "missing"
-            now = json.dumps(current[key]) if key in current else "missing"
-            lines.append(f"config field '{key}' is {then} in the checkpoint but {now} now")
-    return lines
-
-
-def _fingerprint_differences(recorded: Mapping, current: Mapping) -> list[str]:
-    """One sentence per parameter that was added, removed, or changed shape/dtype."""
-    lines = [f"parameter '{name}' is in the checkpoint but not in the model now"
-             for name in sorted(set(recorded) - set(current))]
-    lines += [f"parameter '{name}' is in the model now but not in the checkpoint"
-              for name in sorted(set(current) - set(recorded))]
-    for name in sorted(set(recorded) & set(current)):
-        for field in ("shape", "dtype"):
-            then, now = recorded[name].get(field), current[name].get(field)
-            if then != now:
-                lines.append(f"parameter '{name}' has {field} {json.dumps(then)} in the "
-                             f"checkpoint but {json.dumps(now)} now")
-    return lines
-
-
-# ----------------------------------------------------------------------------- checkpoint
 
 
 class MaskCheckpoint:
@@ -226,23 +139,27 @@ class MaskCheckpoint:
         model_fingerprint: Mapping[str, Any],
         config: Mapping[str, Any],
         restart: bool = False,
+        planned: list[str] | None = None,
     ) -> "MaskCheckpoint":
         """Create a checkpoint, or resume one made for the same model fingerprint and config.
 
         ``config`` holds only the settings that change masks; it must be JSON-serialisable.
-        ``restart=True`` deletes an existing checkpoint's manifest and layer files first.
+        ``planned`` lists the layers a complete checkpoint holds (so eval and inspect can
+        refuse a partial one). ``restart=True`` deletes an existing checkpoint's files first.
         """
         directory = Path(directory)
-        fingerprint = _json_normalised(dict(model_fingerprint), "model_fingerprint")
+        fingerprint = json_normalised(dict(model_fingerprint), "model_fingerprint")
         if not all(isinstance(info, dict) and "shape" in info for info in fingerprint.values()):
             raise TypeError(
                 "model_fingerprint must map parameter names to {'shape': [...], 'dtype': ...}; "
-                "build it with gradprobe_dist.checkpoint.store.model_fingerprint(model)"
+                "build it with gradprobe_dist.checkpoint.model_fingerprint(model)"
             )
-        config = _json_normalised(dict(config), "config")
-        _remove_temp_files(directory)
+        config = json_normalised(dict(config), "config")
+        if not (directory / MANIFEST_NAME).exists():
+            refuse_foreign(directory)
+        remove_temp_files(directory, list(OWN_FILES))
         if restart:
-            cls._discard(directory)
+            discard(directory)
         elif (directory / MANIFEST_NAME).exists():
             checkpoint = cls.read(directory)
             checkpoint._check_matches(fingerprint, config)
@@ -255,10 +172,11 @@ class MaskCheckpoint:
             "model_fingerprint": fingerprint,
             "config": config,
             "config_hash": config_hash(config),
+            **({PLANNED_KEY: list(planned)} if planned is not None else {}),
             "layers": {},
             "order": [],
         }
-        atomic_write(directory / MANIFEST_NAME, _manifest_bytes(manifest))
+        atomic_write(directory / MANIFEST_NAME, manifest_bytes(manifest))
         return cls(directory, manifest)
 
     @classmethod
@@ -266,23 +184,13 @@ class MaskCheckpoint:
         """An existing checkpoint, without checking it against a model (for inspect/load)."""
         return cls(directory, read_manifest(directory))
 
-    @staticmethod
-    def _discard(directory: Path) -> None:
-        """Remove only what a checkpoint owns; the manifest first, so no half-deleted state is valid."""
-        manifest = directory / MANIFEST_NAME
-        if manifest.exists():
-            logger.warning("--restart: discarding the mask checkpoint in %s", directory)
-            manifest.unlink()
-            _fsync_directory(directory)
-        shutil.rmtree(directory / LAYERS_DIR, ignore_errors=True)
-
     def _check_matches(self, fingerprint: dict, config: dict) -> None:
-        problems = _fingerprint_differences(self._manifest["model_fingerprint"], fingerprint)
-        problems += _config_differences(self._manifest["config"], config)
+        problems = fingerprint_differences(self._manifest["model_fingerprint"], fingerprint)
+        problems += config_differences(self._manifest["config"], config)
         if problems:
             raise CheckpointMismatchError(
                 f"the mask checkpoint in '{self.directory}' was made for another model or "
-                f"config: " + "; ".join(_first_few(problems)) + f". To start over, {_FIX}."
+                f"config: " + "; ".join(first_few(problems)) + f". To start over, {FIX}."
             )
 
     # --- queries ------------------------------------------------------------------
@@ -292,6 +200,27 @@ class MaskCheckpoint:
         for name in self._manifest["order"]:
             self._verified_bytes(name)
         return list(self._manifest["order"])
+
+    def missing(self, planned: list[str] | None = None) -> list[str] | None:
+        """Layers of ``planned`` (default: what the writer planned) not saved yet; None if
+        neither says what a complete checkpoint holds."""
+        planned = self._manifest.get(PLANNED_KEY) if planned is None else planned
+        if planned is None:
+            return None
+        return [name for name in planned if name not in self._manifest["layers"]]
+
+    def check_complete(self, planned: list[str] | None = None) -> None:
+        """Refuse an empty checkpoint, or one that lacks planned layers: using it would
+        silently leave those weights dense."""
+        missing, saved = self.missing(planned) or [], len(self._manifest["order"])
+        if saved and not missing:
+            return
+        what = (f"{len(missing)} of its {len(missing) + saved} layers are missing (e.g. "
+                f"'{missing[0]}')" if missing else "it holds no layers")
+        raise PartialCheckpointError(
+            f"the mask checkpoint '{self.directory}' is partial: {what}; finish it by rerunning "
+            "the prune that writes it (it resumes), or pass --allow-partial to use it as it is"
+        )
 
     def layer_info(self, name: str) -> dict[str, Any]:
         """The manifest entry of one layer (a copy)."""
@@ -308,12 +237,6 @@ class MaskCheckpoint:
     def load_layer(self, name: str) -> torch.Tensor:
         """The saved mask of one layer as a BoolTensor of its full shape (True = pruned)."""
         return self._load(name)[0]
-
-    def copy_layer_from(self, source: "MaskCheckpoint", name: str) -> None:
-        """Save ``source``'s layer ``name`` here: mask, stats and saved tensors unchanged."""
-        info = source.layer_info(name)
-        self.save_layer(name, source.load_layer(name), tensors=source.load_layer_tensors(name),
-                        stats={k: v for k, v in info.items() if k not in _COMPUTED_FIELDS})
 
     def load_layer_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The extra tensors saved with a layer (``save_layer(..., tensors=...)``)."""
@@ -336,23 +259,17 @@ class MaskCheckpoint:
         from the mask. ``tensors`` (e.g. gradient ratios for plots) are stored alongside it.
         """
         tensors = dict(tensors or {})
-        self._check_new_layer(name, mask, stats, tensors)
-        stats = _json_normalised(dict(stats), f"stats for '{name}'")
+        check_new_layer(self._manifest, self.directory, name, mask, stats, tensors)
+        stats = json_normalised(dict(stats), f"stats for '{name}'")
         mask = mask.detach().cpu()
-        shape = list(mask.shape)
-        payload = {
-            _BITS_KEY: _pack_mask(mask),
-            _SHAPE_KEY: torch.tensor(shape, dtype=torch.int64),
-            **{key: t.detach().cpu().contiguous() for key, t in tensors.items()},
-        }
-        data = safetensors_save(payload, metadata={"layer": name, "format_version": str(FORMAT_VERSION)})
-        file = f"{LAYERS_DIR}/{_layer_file_name(name)}"
+        data = encode_layer(name, mask, tensors)
+        file = f"{LAYERS_DIR}/{layer_file_name(name)}"
         atomic_write(self.directory / file, data)
 
         pruned = int(mask.sum())
         entry = {
             "file": file,
-            "shape": shape,
+            "shape": list(mask.shape),
             "numel": mask.numel(),
             "tentative": stats.pop("tentative"),
             "pruned": pruned,
@@ -363,52 +280,36 @@ class MaskCheckpoint:
             "tensors": sorted(tensors),
             **stats,
         }
-        manifest = {
+        self._write_manifest({
             **self._manifest,
             "layers": {**self._manifest["layers"], name: entry},
             "order": [*self._manifest["order"], name],
-        }
-        atomic_write(self.directory / MANIFEST_NAME, _manifest_bytes(manifest))
-        self._manifest = manifest
+        })
 
-    def _check_new_layer(self, name: str, mask: Any, stats: Mapping, tensors: dict) -> None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(
-                f"mask for '{name}' must be a torch.BoolTensor (True = pruned), got "
-                f"{getattr(mask, 'dtype', type(mask).__name__)}; convert it with mask.bool()"
-            )
-        if name in self._manifest["layers"]:
-            raise ValueError(
-                f"layer '{name}' is already saved in '{self.directory}'; skip layers listed "
-                f"by completed(), or {_FIX}"
-            )
-        expected = self._manifest["model_fingerprint"].get(name)
-        if expected is None:
-            raise ValueError(
-                f"'{name}' is not a parameter of the model this checkpoint was opened for; "
-                "masks are keyed by parameter name from the unwrapped model's named_parameters()"
-            )
-        if list(mask.shape) != expected["shape"]:
-            raise ValueError(
-                f"mask for '{name}' has shape {list(mask.shape)} but the parameter has shape "
-                f"{expected['shape']}; save the full (gathered) mask, not a shard"
-            )
-        missing = [key for key in _REQUIRED_STATS if key not in stats]
-        if missing:
-            raise ValueError(f"stats for '{name}' lack {missing}; pass them in stats=")
-        computed = [key for key in _COMPUTED_FIELDS if key in stats]
-        if computed:
-            raise ValueError(
-                f"stats for '{name}' contain {computed}, which the checkpoint computes itself; "
-                "leave them out"
-            )
-        bad = [key for key, t in tensors.items()
-               if key in (_BITS_KEY, _SHAPE_KEY) or not isinstance(t, torch.Tensor)]
-        if bad:
-            raise TypeError(
-                f"extra tensors for '{name}' named {bad} are not allowed: values must be "
-                f"torch.Tensor and '{_BITS_KEY}', '{_SHAPE_KEY}' are reserved for the mask"
-            )
+    def copy_layer_from(self, source: "MaskCheckpoint", name: str) -> None:
+        """Save ``source``'s layer ``name`` here: mask, stats and saved tensors unchanged."""
+        info = source.layer_info(name)
+        self.save_layer(name, source.load_layer(name), tensors=source.load_layer_tensors(name),
+                        stats={k: v for k, v in info.items() if k not in COMPUTED_FIELDS})
+
+    def drop_stages_from(self, stage: int) -> list[str]:
+        """Forget every layer written by stage ``stage`` (0-based) or a later one: the
+        manifest first, then their files. Returns the names dropped."""
+        dropped = [n for n in self._manifest["order"]
+                   if self._manifest["layers"][n].get(STAGE_KEY, stage) >= stage]
+        files = [self._manifest["layers"][n]["file"] for n in dropped]
+        self._write_manifest({
+            **self._manifest,
+            "layers": {n: e for n, e in self._manifest["layers"].items() if n not in dropped},
+            "order": [n for n in self._manifest["order"] if n not in dropped],
+        })
+        for file in files:
+            (self.directory / file).unlink(missing_ok=True)
+        return dropped
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        atomic_write(self.directory / MANIFEST_NAME, manifest_bytes(manifest))
+        self._manifest = manifest
 
     # --- reading ------------------------------------------------------------------
 
@@ -420,77 +321,44 @@ class MaskCheckpoint:
             )
         return self._manifest["layers"][name]
 
+    def _recovery(self, name: str) -> str:
+        """How to recover from a bad layer file. The stage is the unit of recovery: probing
+        one layer again on a network whose later stages are already pruned would give other
+        masks than an uninterrupted run, so its stage and every later one are redone."""
+        stage = self._entry(name).get(STAGE_KEY)
+        if stage is None:
+            return FIX
+        return (f"rerun the prune with --redo-from-stage {stage + 1} to recompute stage "
+                f"{stage + 1} (this layer's) and every later one, keeping the earlier stages, "
+                f"or {FIX}")
+
     def _verified_bytes(self, name: str) -> bytes:
         """The layer file's bytes, refusing a missing file or one whose sha256 changed."""
         entry = self._entry(name)
         path = self.directory / entry["file"]
-        fix = (
-            f"{_FIX}, or delete the entry '{name}' from 'layers' and 'order' in "
-            f"{self.directory / MANIFEST_NAME} to recompute only that layer"
-        )
         if not path.is_file():
-            raise CorruptCheckpointError(f"layer file '{path}' of layer '{name}' is missing; {fix}")
+            raise CorruptCheckpointError(
+                f"layer file '{path}' of layer '{name}' is missing; {self._recovery(name)}")
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CorruptCheckpointError(
                 f"layer file '{path}' of layer '{name}' ({len(data)} bytes) does not match its "
-                f"recorded sha256: it is truncated or modified; {fix}"
+                f"recorded sha256: it is truncated or modified; {self._recovery(name)}"
             )
         return data
 
     def _load(self, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         entry = self._entry(name)
-        tensors = safetensors_load(self._verified_bytes(name))
-        bits, shape = tensors.pop(_BITS_KEY), tensors.pop(_SHAPE_KEY).tolist()
+        bits, shape, tensors = decode_layer(self._verified_bytes(name))
         if shape != entry["shape"] or bits.numel() != -(-entry["numel"] // 8):
             raise CorruptCheckpointError(
                 f"layer file '{self.directory / entry['file']}' holds a mask of shape {shape} "
-                f"({bits.numel()} bytes) but the manifest records shape {entry['shape']}; {_FIX}"
+                f"({bits.numel()} bytes) but the manifest records shape {entry['shape']}; {FIX}"
             )
-        return _unpack_mask(bits, shape), tensors
-
-
-# ----------------------------------------------------------------------------- masks
+        return unpack_mask(bits, shape), tensors
 
 
 def load_masks(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every saved mask of a checkpoint, by parameter name, in completion order."""
     checkpoint = MaskCheckpoint.read(directory)
     return {name: checkpoint.load_layer(name) for name in checkpoint._manifest["order"]}
-
-
-def apply_masks(
-    model: nn.Module, directory_or_masks: str | os.PathLike | Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Zero the masked weights of ``model`` in place; returns the masks applied.
-
-    ``model`` must be unwrapped and unsharded (plain tensors, names without ``module.``).
-    Every name and shape is checked before any weight changes.
-    """
-    if isinstance(directory_or_masks, (str, os.PathLike)):
-        masks = load_masks(directory_or_masks)
-    else:
-        masks = dict(directory_or_masks)
-    params = dict(model.named_parameters())
-    unknown = sorted(set(masks) - set(params))
-    if unknown:
-        raise ValueError(
-            f"masks name parameters the model does not have: {unknown}; pass the unwrapped "
-            "model the masks were computed for"
-        )
-    wrong = [
-        f"'{name}' (mask {getattr(mask, 'dtype', type(mask).__name__)} "
-        f"{list(getattr(mask, 'shape', []))}, parameter {list(params[name].shape)})"
-        for name, mask in masks.items()
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
-        or mask.shape != params[name].shape
-    ]
-    if wrong:
-        raise ValueError(
-            "masks must be BoolTensors of their parameter's shape; these are not: "
-            + ", ".join(wrong) + "; pass the masks computed for this model"
-        )
-    with torch.no_grad():
-        for name, mask in masks.items():
-            params[name].masked_fill_(mask.to(params[name].device), 0)
-    return masks

@@ -11,9 +11,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
-from gradprobe_dist.checkpoint.store import MaskCheckpoint, apply_masks, load_masks
+from gradprobe_dist.checkpoint import MaskCheckpoint, apply_masks, load_masks
 from gradprobe_dist.pipeline.config import ConfigError, RunConfig, dump_config, load_config
 from gradprobe_dist.runtime.env import init_distributed
 from gradprobe_dist.runtime.log import get_logger, is_main_process
@@ -52,7 +53,7 @@ def prune(args):
     check_output_dir(cfg)
     with job:
         before = job.evaluate() if args.eval else None
-        result = job.run(restart=args.restart)
+        result = job.run(restart=args.restart, redo_from_stage=args.redo_from_stage)
         after = job.evaluate() if args.eval else None
     _say(args, format_table(result.rows))
     for r in result.rounds:
@@ -60,13 +61,13 @@ def prune(args):
                    f"{100 * r['schedule']:.2f}%) in {r['directory']}{' (resumed)' if r['resumed'] else ''}")
     _say(args, f"sparsity over prunable weights: {100 * result.sparsity:.2f}% (target "
                f"{100 * cfg.prune.sparsity:.0f}%); {len(result.layers_written)} layers written, "
-               f"{result.stages_skipped}/{result.stages} stages resumed from {cfg.output_dir}; "
+               f"{result.stages_resumed}/{result.stages} stages resumed from {cfg.output_dir}; "
                f"{result.seconds:.1f} s on {env.world_size} rank(s)")
     if before is not None:
         _say(args, eval_line("before pruning", before))
         _say(args, eval_line("after pruning ", after))
     return {"sparsity": result.sparsity, "layers": result.rows, "layers_written": result.layers_written,
-            "stages": result.stages, "stages_resumed": result.stages_skipped, "rounds": result.rounds,
+            "stages": result.stages, "stages_resumed": result.stages_resumed, "rounds": result.rounds,
             "seconds": result.seconds, "world_size": env.world_size,
             "eval_before": before, "eval_after": after}
 
@@ -111,8 +112,22 @@ def validate(args):
         values = schedule_values(cfg.prune.sparsity, cfg.prune.rounds, cfg.prune.schedule)
         _say(args, f"# {cfg.prune.rounds} rounds ({cfg.prune.schedule}), sparsity after each: "
                    + ", ".join(f"{100 * v:.2f}%" for v in values))
-    _say(args, f"# config OK; mask fingerprint {cfg.fingerprint()[:16]}")
-    return {"config": dataclasses.asdict(cfg), "mask_fingerprint": cfg.fingerprint(), "stages": stages}
+    digest = config_hash_of(cfg)
+    _say(args, f"# config OK; config hash {digest[:16]} (a checkpoint's config_hash at world size "
+               f"{world_size()})")
+    return {"config": dataclasses.asdict(cfg), "config_hash": digest, "stages": stages}
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def config_hash_of(cfg: RunConfig) -> str:
+    """The one config hash: what a checkpoint of this run records as ``config_hash``."""
+    from gradprobe_dist.checkpoint import config_hash
+    from gradprobe_dist.pipeline.inputs import mask_config
+
+    return config_hash(mask_config(cfg, world_size()))
 
 
 def check_inputs(cfg: RunConfig) -> list[str]:
@@ -176,7 +191,7 @@ def plan_stages_of(cfg: RunConfig) -> list[list[str]] | None:
 
     from gradprobe_dist.pipeline.build import build_model
     from gradprobe_dist.probe.params import find_prunable
-    from gradprobe_dist.pipeline.job import plan_stages
+    from gradprobe_dist.pipeline.stages import plan_stages
 
     with torch.device("meta"):
         model = build_model(dataclasses.replace(cfg.model, path=None))
@@ -235,10 +250,14 @@ def train(args):
 def inspect(args):
     if not is_main_process():
         return None
-    rows = MaskCheckpoint.read(args.directory).summary_rows()
+    ckpt = MaskCheckpoint.read(args.directory)
+    ckpt.completed()  # every layer file checked against its sha256
+    if not args.allow_partial:
+        ckpt.check_complete()
+    rows = ckpt.summary_rows()
     _say(args, format_table(rows))
     pruned, numel = sum(r["pruned"] for r in rows), sum(math.prod(r["shape"]) for r in rows)
-    _say(args, f"{len(rows)} layers, {pruned}/{numel} weights pruned "
+    _say(args, f"{len(rows)} layers (checksums verified), {pruned}/{numel} weights pruned "
                f"({100 * pruned / numel if numel else 0:.2f}%)")
     return rows
 
@@ -247,7 +266,8 @@ def eval(args):  # noqa: A001 - the subcommand's name
     job, _, _ = _job(args)
     with job:
         if args.masks:
-            job.apply_checkpoint(*job.read_checkpoint(args.masks))
+            store = job.read_checkpoint(args.masks, allow_partial=args.allow_partial)
+            job.apply_checkpoint(store, store.completed)
         metrics = job.evaluate()
     _say(args, eval_line("masks " + (args.masks or "none"), metrics))
     return metrics
@@ -322,7 +342,7 @@ def plot(args):
         raise ValueError(f"--max-threshold={args.max_threshold} must be > 0, e.g. 0.5")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file: name a directory for the PNG files")
-    paths = plot_checkpoint(args.directory, args.out,
+    paths = plot_checkpoint(args.directory, args.out, allow_partial=args.allow_partial,
                             thresholds=[args.max_threshold * i / 100 for i in range(101)])
     if not args.json:
         print("\n".join(map(str, paths)))

@@ -7,9 +7,7 @@ YAML syntax for values: ``prune.sparsity=0.6 parallel=fsdp prune.stages=[[a*],[b
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -234,7 +232,7 @@ class RunConfig:
         """The settings that change the masks, keyed by their config key: a resume must match
         them exactly, and a refusal names the key that differs (e.g. ``prune.sparsity``).
         ``prune.rounds``/``prune.schedule`` appear only with rounds > 1, so one-shot runs keep
-        the fingerprint (and resume the checkpoints) they had before rounds existed."""
+        the config hash (and resume the checkpoints) they had before rounds existed."""
         p = self.prune
         fields = {f"prune.{name}": getattr(p, name) for name in (
             "strategy", "strategy_options", "sparsity", "num_batches", "reduction_factor",
@@ -259,9 +257,6 @@ class RunConfig:
         if fields["dtype"] == "auto":  # the checkpoint's own, as before model.dtype existed
             del fields["dtype"]
         return fields
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.mask_fields(), sort_keys=True).encode()).hexdigest()
 
 
 # -- loading -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from gradprobe_dist.checkpoint.format import CARRIED_KEY, RATIO_KEY
 from gradprobe_dist.checkpoint.store import MaskCheckpoint
 from gradprobe_dist.probe.decision import ProbeRecord
 from gradprobe_dist.runtime.log import get_logger
@@ -31,10 +32,6 @@ from gradprobe_dist.probe.validation import check_threshold
 
 log = get_logger(__name__)
 
-#: name of the saved tensor holding a layer's gradient ratios
-RATIO_KEY = "ratio"
-#: manifest extra: weights of a layer pruned before the probe that wrote the ratios
-CARRIED_KEY = "carried"
 DEFAULT_THRESHOLDS = [i / 100 for i in range(101)]
 LAYERS_PER_PAGE = 16
 
@@ -72,14 +69,18 @@ def threshold_curve(ratios: Mapping[str, torch.Tensor], total: int, thresholds: 
 
 
 def plot_checkpoint(directory: str | os.PathLike, out_dir: str | os.PathLike,
-                    thresholds: Sequence[float] | None = None) -> list[Path]:
+                    thresholds: Sequence[float] | None = None, allow_partial: bool = False) -> list[Path]:
     """Write the PNGs described in the module docstring into ``out_dir``, and the curve's
-    numbers as ``threshold_curve.json``; returns the paths written."""
+    numbers as ``threshold_curve.json``; returns the paths written. A partial checkpoint is
+    refused unless ``allow_partial``; an empty one always."""
     ckpt = MaskCheckpoint.read(directory)
+    ckpt.completed()  # every layer file checked against its sha256
     rows = ckpt.summary_rows()
     if not rows:
         raise ValueError(f"the checkpoint '{directory}' has no saved layers yet: plot it once "
                          "pruning has written at least one layer")
+    if not allow_partial:
+        ckpt.check_complete()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [draw_sparsity(rows, out / "sparsity.png")]
