@@ -57,9 +57,11 @@ class DirectoryLock:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self._fd: int | None = None
+        self._created = False
 
     def acquire(self) -> "DirectoryLock":
         """Take the lock, or raise ``DirectoryInUseError`` naming the job that holds it."""
+        self._created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -81,7 +83,8 @@ class DirectoryLock:
                     os.close(fd)
 
     def release(self) -> None:
-        """Remove the lock file (while still holding it, so no one takes a dying lock)."""
+        """Remove the lock file (while still holding it, so no one takes a dying lock), and
+        the directory if the lock created it and nothing was written there."""
         if self._fd is None:
             return
         try:
@@ -89,6 +92,8 @@ class DirectoryLock:
         finally:
             os.close(self._fd)
             self._fd = None
+        if self._created and not any(self.directory.iterdir()):
+            self.directory.rmdir()
 
     def __enter__(self) -> "DirectoryLock":
         return self.acquire()

@@ -242,6 +242,7 @@ class PruneJob:
         """Prune every stage (of every round) not yet checkpointed, holding the lock on
         ``output_dir``; returns the summary of ``output_dir``. ``redo_from_stage`` (1-based)
         first forgets that stage and every later one (in every round), keeping the earlier."""
+        _ = self.calibration  # bad data fails here, before output_dir exists or a checkpoint records its path
         lock = lock_directory(self.backend, self.cfg.output_dir)
         try:
             self.take_fingerprint()
@@ -257,7 +258,6 @@ class PruneJob:
             raise ValueError(f"--redo-from-stage {redo_from_stage} is not a stage: this config has "
                              f"stages 1 to {len(self.stages)}")
         strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
-        _ = self.calibration  # bad data fails here, before a checkpoint records its path
         result = PruneResult(stages=len(self.stages) * cfg.rounds, stages_resumed=0)
         plan = (plan_rounds(cfg.sparsity, cfg.rounds, cfg.schedule, cfg.oversample if cfg.mode == "target" else 1.0)
                 if cfg.rounds > 1 else
