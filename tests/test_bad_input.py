@@ -173,8 +173,6 @@ def test_sweep_rejects_bad_thresholds():
             loader, nn.CrossEntropyLoss(), lambda m: 0.0, 0.5, [], 2)
 
 
-@pytest.mark.xfail(strict=True, reason="probe engine (core): a NaN weight is blamed on a calibration "
-                                       "batch and on another parameter (issue 9, section 4)")
 @pytest.mark.parametrize("bad", ["layers.1.weight", "head.weight", "layers.0.bias"])
 def test_nan_weight_is_named_as_the_weight_not_as_bad_data(bad):
     torch.manual_seed(0)

@@ -153,6 +153,20 @@ def probe_every_strategy(rank, world_size, mode, shard_dir):
     except FloatingPointError as err:
         out["nan_error"] = str(err)
     out["after_nan"] = local_weight_check(backend, no_masks, originals)
+
+    # A NaN already in the last row of one weight: under sharding only the last rank holds it;
+    # every rank must name that weight, not blame a batch.
+    model, _ = build_model()
+    poisoned = probe.param_names[0]
+    with torch.no_grad():
+        dict(model.named_parameters())[poisoned].view(-1)[-1] = float("nan")
+    backend = build_backend(mode, cpu, micro_batch_size=MICRO)
+    try:
+        GradProbe(model, make_strategy("magnitude_layer"), backend=backend).prune(
+            batches, None, SPARSITY, NUM_BATCHES)
+        out["nan_weight_error"] = None
+    except FloatingPointError as err:
+        out["nan_weight_error"] = (poisoned, str(err))
     return out
 
 
@@ -219,3 +233,12 @@ def test_nan_on_one_rank_raises_the_same_error_on_every_rank(ranks):
     assert same_part[0] == same_part[1]
     for rank, out in enumerate(outs):
         assert out["after_nan"]["kept_changed"] == 0, (mode, rank)  # scaled weights restored
+
+
+@pytest.mark.timeout(400)
+def test_nan_weight_is_named_on_every_rank(ranks):
+    mode, outs = ranks
+    for rank, out in enumerate(outs):
+        assert out["nan_weight_error"] is not None, (mode, rank)
+        name, message = out["nan_weight_error"]
+        assert f"parameter {name!r} holds NaN/inf" in message and "calibration batch" not in message

@@ -141,6 +141,11 @@ class Backend(ABC):
     def local_slice(self, name: str) -> LocalSlice:
         """How ``local_weight(name)`` maps into the full weight."""
 
+    def local_part(self, param: nn.Parameter) -> torch.Tensor:
+        """This rank's data of any parameter of the prepared model, prunable or not (used to
+        name a non-finite weight); whole tensors unless the mode shards them."""
+        return param.detach()
+
     def commit_weights(self, names: list[str]) -> None:
         """Make in-place edits of local weights durable and visible (ZeRO-3 needs this)."""
 

@@ -140,6 +140,9 @@ class FSDPBackend(Backend):
     def local_slice(self, name: str) -> LocalSlice:
         return self._slices[name]
 
+    def local_part(self, param: nn.Parameter) -> torch.Tensor:
+        return param.to_local() if isinstance(param, DTensor) else param.detach()
+
     def commit_weights(self, names: list[str]) -> None:
         """Drop any all-gathered copies, so the next forward gathers the edited shards."""
         self._reshard()

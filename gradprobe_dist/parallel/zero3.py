@@ -150,6 +150,9 @@ class Zero3Backend(Backend):
         start, stop = self._flat_range(param)
         return LocalSlice(param.ds_shape, "flat", start, stop)
 
+    def local_part(self, param: nn.Parameter) -> torch.Tensor:
+        return param.ds_tensor if hasattr(param, "ds_tensor") else param.detach()
+
     def _flat_range(self, param: nn.Parameter) -> tuple[int, int]:
         """This rank's unpadded [start, stop) in ``weight.flatten()``; empty past the end."""
         part = param.ds_tensor.ds_numel

@@ -180,6 +180,7 @@ class ProbeEngine:
         first_bad_loss, stats_ok = self.backend.all_reduce(flag, "min").tolist()
         if first_bad_loss == len(batches) and stats_ok:
             return
+        self._raise_if_weight_not_finite()
         for index, batch in enumerate(batches):
             self.prefix.select(index)
             loss = loss_of(self.module, to_device(batch, self.backend.device))
@@ -196,6 +197,19 @@ class ProbeEngine:
         raise FloatingPointError(
             f"the gradient statistic of the {label} pass overflowed in {self.stat_dtype} although "
             "every gradient is finite when replayed: use stat_dtype=torch.float32")
+
+    def _raise_if_weight_not_finite(self) -> None:
+        """A NaN/inf already in the weights poisons every batch: name that parameter (the
+        first in model order on any rank) rather than blame the data."""
+        names = [n for n, _ in self.model.named_parameters()]
+        bad_local = next((i for i, (_, p) in enumerate(self.model.named_parameters())
+                          if not bool(torch.isfinite(self.backend.local_part(p)).all())), len(names))
+        flag = torch.tensor([bad_local], dtype=torch.int64, device=self.backend.device)
+        bad = int(self.backend.all_reduce(flag, "min").item())
+        if bad < len(names):
+            raise FloatingPointError(
+                f"parameter {names[bad]!r} holds NaN/inf values before any pruning; the model was "
+                "left unchanged. Load or train a model with finite weights")
 
     def _raise_if_not_finite(self, index: int, label: str, loss: torch.Tensor, finite: list) -> None:
         """Every rank raises the same error for the first non-finite gradient (no hang)."""
