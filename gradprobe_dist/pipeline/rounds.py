@@ -33,6 +33,7 @@ from gradprobe_dist.checkpoint.format import CARRIED_KEY, ROUND_KEY
 from gradprobe_dist.checkpoint.relay import RankZeroCheckpoint
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.pipeline.plots import ratio_tensors
+from gradprobe_dist.probe.decision import candidates_first
 from gradprobe_dist.probe.record import ProbeRecord, prune_decision
 from gradprobe_dist.probe.validation import is_int, is_number
 from gradprobe_dist.runtime.log import get_logger
@@ -41,7 +42,6 @@ from gradprobe_dist.strategies.base import count_to_select
 log = get_logger(__name__)
 
 SCHEDULES = ("cubic", "linear")
-_FLOAT_MAX = torch.finfo(torch.float32).max
 
 
 def schedule_values(target: float, rounds: int, kind: str = "cubic") -> list[float]:
@@ -166,11 +166,7 @@ def round_masks(backend: Backend, record: ProbeRecord, pruned: dict[str, torch.T
         carried, candidates = counts[:, 0].long().tolist(), counts[:, 1].long().tolist()
         numels = [backend.local_slice(n).full_numel for n in names]
         # already-pruned weights rank after every alive candidate, even one whose ratio is inf
-        scores = []
-        for n, layer in record.layers.items():
-            ratio = layer.ratio().clamp(max=_FLOAT_MAX)
-            excluded = torch.full_like(ratio, float("inf"))
-            scores.append(torch.where(alive[n].to(ratio.device), ratio, excluded))
+        scores = [candidates_first(layer.ratio(), alive[n]) for n, layer in record.layers.items()]
         if scope == "global":
             wanted = [count_to_select(sum(numels), sparsity) - sum(carried)]
             available = [sum(candidates)]
