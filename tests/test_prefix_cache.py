@@ -106,7 +106,7 @@ def _ranks(rank, world, mode):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "zero3"])
 def test_two_ranks_run_the_prefix_once_per_batch_with_the_same_masks(mode):
-    results = run_ranks(_ranks, 2, mode, timeout=300, env={"DS_ACCELERATOR": "cpu"})
+    results = run_ranks(_ranks, 2, mode, timeout=900, env={"DS_ACCELERATOR": "cpu"})
     for cached, cached_counts, plain, plain_counts in results:
         assert plain_counts == [2 * NUM_BATCHES] * 3
         assert cached_counts == [NUM_BATCHES, NUM_BATCHES, 2 * NUM_BATCHES]
@@ -164,7 +164,7 @@ def test_staged_job_in_one_process_runs_each_prefix_once_per_batch(job_config):
 
 @pytest.mark.parametrize("parallel", ["fsdp", "zero3"])
 def test_staged_job_on_two_ranks_runs_each_prefix_once_per_batch(job_config, parallel):
-    ranks = run_ranks(_job_ranks, 2, job_config, parallel, timeout=400, env={"DS_ACCELERATOR": "cpu"})
+    ranks = run_ranks(_job_ranks, 2, job_config, parallel, timeout=900, env={"DS_ACCELERATOR": "cpu"})
     _check_job(ranks[0], 4)  # each rank feeds its own 4 micro-batches
     assert [count for count, _ in ranks[1]] == [count for count, _ in ranks[0]]
 
@@ -228,7 +228,7 @@ def _hf_ranks(rank, world, path):
 def test_gradient_checkpointing_and_prefix_cache_under_fsdp_keep_the_masks(tmp_path):
     path = _hf_llama_dir(tmp_path / "llama")
     (checked, checked_prefix, checked_mlp), (plain, plain_prefix, plain_mlp) = \
-        run_ranks(_hf_ranks, 2, path, timeout=300)[0]
+        run_ranks(_hf_ranks, 2, path, timeout=900)[0]
     assert (checked_prefix, checked_mlp) == (NUM_BATCHES, 4 * NUM_BATCHES)
     assert (plain_prefix, plain_mlp) == (2 * NUM_BATCHES, 2 * NUM_BATCHES)
     for name in plain:
