@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node, N processes under DeepSpeed's launcher (for parallel=zero3; any mode works):
-#   bash launch/deepspeed.sh prune --config configs/demo.yaml parallel=zero3
+#   bash launch/deepspeed.sh prune --config configs/smollm2.yaml parallel=zero3
 # N defaults to the number of GPUs, or 2 CPU ranks without one (override with NPROC=...).
 # Without a GPU, DeepSpeed runs on its CPU accelerator (gloo). Port: MASTER_PORT (29500).
 # --no_local_rank: the launcher would otherwise insert --local_rank=N before the subcommand;
