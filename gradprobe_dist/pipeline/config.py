@@ -120,12 +120,16 @@ class PruneConfig:
     mode: Literal["threshold", "target", "sparsegpt"] = "threshold"
     #: target/sparsegpt mode: candidates probed = oversample x sparsity
     oversample: float = 1.5
-    #: sparsegpt mode, which candidates SparseGPT keeps if it can: threshold (gradient ratio
+    #: target and sparsegpt modes, which candidates the probe vetoes (ranked after every
+    #: other candidate in the strategy's / SparseGPT's order): threshold (gradient ratio
     #: above 1 + gradient_threshold), fraction (veto_fraction of each layer's highest ratios),
-    #: or none (plain SparseGPT: no probe, one forward pass per stage; the strategy only
-    #: supplies its N:M pattern)
+    #: or none (target: the strategy's own masks; sparsegpt: plain SparseGPT, no probe, one
+    #: forward pass per stage, the strategy only supplies its N:M pattern)
     veto: Literal["threshold", "fraction", "none"] = "threshold"
     veto_fraction: float = 0.1
+    #: target/sparsegpt mode: per stage, also decide without the veto and keep the masks with
+    #: the lower calibration loss (forward only, the same batches)
+    guard: bool = False
     target_scope: Literal["layer", "global"] = "layer"
     #: how the sparsity is spread over layers (kind: uniform | owl | gradient)
     allocation: Allocation = field(default_factory=Allocation)
@@ -166,6 +170,10 @@ class PruneConfig:
         if self.allocation.kind == "gradient" and self.mode != "target":
             raise ConfigError("prune.allocation.kind=gradient needs prune.mode=target")
         self._check_sparsegpt()
+        if self.guard and (self.mode not in ("target", "sparsegpt") or self.veto == "none" or self.rounds != 1):
+            raise ConfigError("prune.guard compares the probe's veto with the strategy's own masks: it "
+                              "needs prune.mode=target or sparsegpt, prune.veto threshold or fraction, "
+                              "and prune.rounds=1; set prune.guard=false otherwise")
         try:
             strategy = build_strategy(self.strategy, **self.strategy_options)
         except (TypeError, ValueError) as err:
@@ -239,8 +247,10 @@ class RunConfig:
             "gradient_threshold", "statistic", "stat_dtype", "stage_size", "stages", "mode",
             "oversample", "target_scope", "reconstruct")}
         fields["prune.allocation"] = dataclasses.asdict(p.allocation)
-        if p.mode == "sparsegpt":  # only then, so other runs keep their fingerprint
+        if p.mode in ("sparsegpt", "target"):  # only then, so other runs keep their fingerprint
             fields.update({"prune.veto": p.veto, "prune.veto_fraction": p.veto_fraction})
+        if p.guard:
+            fields["prune.guard"] = True
         if p.rounds > 1:
             fields.update({"prune.rounds": p.rounds, "prune.schedule": p.schedule})
         return {"model": self._model_fields(), **fields, "data.shards": self.data.shards,

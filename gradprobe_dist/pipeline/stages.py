@@ -148,9 +148,14 @@ class StageLoop:
                              hessians=cfg.reconstruct or cfg.mode == "sparsegpt")
         before = before or {n: torch.zeros_like(layer.tentative) for n, layer in record.layers.items()}
         if round_.count == 1:
-            masks = probe.decide(record, cfg.sparsity, mode=cfg.mode, gradient_threshold=cfg.gradient_threshold,
-                                 target_scope=cfg.target_scope, reconstruct=cfg.reconstruct,
-                                 veto_fraction=cfg.veto_fraction if cfg.veto == "fraction" else None)
+            options = dict(mode=cfg.mode, gradient_threshold=cfg.gradient_threshold, target_scope=cfg.target_scope,
+                           reconstruct=cfg.reconstruct, veto=cfg.veto != "none",
+                           veto_fraction=cfg.veto_fraction if cfg.veto == "fraction" else None)
+            if cfg.guard:
+                masks = probe.decide_guarded(record, cfg.sparsity, job.calibration,
+                                             loss_fn_for(job.calibration), **options)
+            else:
+                masks = probe.decide(record, cfg.sparsity, **options)
         else:
             masks = probe.apply_masks(record, round_masks(backend, record, before, round_.sparsity,
                                                           cfg.mode, cfg.gradient_threshold, cfg.target_scope))

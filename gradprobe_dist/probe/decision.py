@@ -5,8 +5,10 @@ when its gradient statistic after the reduction did not grow by more than
 ``gradient_threshold``: ``new <= old * (1 + gradient_threshold)``; otherwise it is restored.
 The decision depends only on new/old, so one probe serves every threshold of a sweep.
 
-Target mode: rank the tentative weights by that ratio and prune exactly the lowest ones
-(per layer, over all layers, or per N:M group), so the requested sparsity is reached.
+Target mode reaches the requested sparsity exactly: in the strategy's own order with the
+probe's vetoed candidates last (``order``; ``gradprobe_dist.probe.target``), or, for a
+strategy that gives no scores, the tentative weights with the lowest ratio (per layer, over
+all layers, or per N:M group).
 
 ``decide`` returns a ``Decision`` and changes nothing: applying it to the weights is the
 engine's job (``gradprobe_dist.probe.engine``).
@@ -19,6 +21,7 @@ import torch
 
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.probe.record import ProbeRecord
+from gradprobe_dist.probe.target import StrategyOrder, in_strategy_order
 from gradprobe_dist.probe.validation import check_mode, check_threshold
 from gradprobe_dist.strategies.base import choose_per_output, count_to_select
 
@@ -71,9 +74,11 @@ class Decision:
 
 
 def decide(record: ProbeRecord, sparsity: float, backend: Backend, *, mode: str = "threshold",
-           gradient_threshold: float = 0.0, target_scope: str = "layer") -> Decision:
-    """The masks of ``mode`` (see the module docstring) from ``record`` alone; a collective
-    (every rank calls it with its own record)."""
+           gradient_threshold: float = 0.0, target_scope: str = "layer",
+           order: StrategyOrder | None = None, vetoes: dict[str, torch.Tensor] | None = None) -> Decision:
+    """The masks of ``mode`` (see the module docstring) from ``record``, and in target mode
+    the strategy's ``order`` with ``vetoes`` (local bool masks, None: no veto) ranked last;
+    a collective (every rank calls it with its own record)."""
     check_mode(mode, 1.0, target_scope)
     check_threshold(gradient_threshold)
     if mode == "sparsegpt":
@@ -84,7 +89,10 @@ def decide(record: ProbeRecord, sparsity: float, backend: Backend, *, mode: str 
         masks = record.masks(gradient_threshold)
     else:
         ratios = {n: layer.ratio() for n, layer in record.layers.items()}
-        if record.nm:
+        if order is not None:
+            masks = in_strategy_order(backend, order, {n: l.tentative for n, l in record.layers.items()},
+                                      vetoes, sparsity)
+        elif record.nm:
             masks = _lowest_per_group(record, ratios, backend)
         else:
             masks = _lowest_overall(record, ratios, sparsity, target_scope, backend)

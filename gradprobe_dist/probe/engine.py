@@ -154,6 +154,30 @@ class ProbeEngine:
                 w[layer.tentative] = layer.decided_values(masks[name]).to(w.device)
         self.backend.commit_weights(self.param_names)
 
+    def weights_copy(self, names) -> dict[str, torch.Tensor]:
+        """This rank's local parts of the weights ``names`` (copies)."""
+        return {n: self.backend.local_weight(n).detach().clone() for n in names}
+
+    def put_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Write back what ``weights_copy`` returned."""
+        with torch.no_grad():
+            for name, value in weights.items():
+                self.backend.local_weight(name).copy_(value)
+        self.backend.commit_weights(self.param_names)
+
+    # -- forward only ------------------------------------------------------------------------
+    def calibration_loss(self, batches: list, loss_of: LossOfBatch) -> float:
+        """Mean loss over every rank's ``batches``, forward only, the frozen prefix replayed
+        from the baseline pass (what a decision between two masks compares)."""
+        total = torch.zeros(2, dtype=torch.float64)
+        with self.session(), torch.no_grad(), self.prefix.replaying():
+            for index, batch in enumerate(batches):
+                self.prefix.select(index)
+                total += torch.tensor([float(loss_of(self.module, to_device(batch, self.backend.device))), 1.0],
+                                      dtype=torch.float64)
+        total = self.backend.all_reduce(total.to(self.backend.device), "sum").cpu()
+        return float(total[0] / total[1])
+
     # -- gradients and their checks ----------------------------------------------------------
     def _stat_device(self, name: str) -> torch.device:
         return self.stat_device or self.backend.local_weight(name).device

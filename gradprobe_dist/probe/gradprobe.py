@@ -26,17 +26,19 @@ from gradprobe_dist.probe import stats as statistics
 from gradprobe_dist.probe.batches import LossOfBatch, make_loss_of_batch, take_batches
 from gradprobe_dist.probe.decision import Decision, counted, decide
 from gradprobe_dist.probe.engine import ProbeEngine
+from gradprobe_dist.probe.guard import guarded
 from gradprobe_dist.probe.params import find_prunable
 from gradprobe_dist.probe.prefix import FrozenPrefix
 from gradprobe_dist.probe.record import ProbeRecord
+from gradprobe_dist.probe.target import StrategyOrder
 from gradprobe_dist.probe.tentative import (allocate_layers, check_allocation, check_pattern,
                                             checked_masks, nm_pattern, selection_context)
 from gradprobe_dist.probe.validation import check_mode, check_prune_args, check_threshold
-from gradprobe_dist.probe.veto import check_fraction, sparsegpt_with_veto
+from gradprobe_dist.probe.veto import check_fraction, probe_vetoes, sparsegpt_with_veto
 from gradprobe_dist.reconstruct.apply import compensate
 from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.strategies.allocation import Allocation, owl_scores, redundancy_scores
-from gradprobe_dist.strategies.base import PruningStrategy
+from gradprobe_dist.strategies.base import PruningStrategy, ScoredStrategy
 
 log = get_logger(__name__)
 
@@ -86,6 +88,8 @@ class GradProbe:
         self.equivalent_threshold: float | None = None
         #: sparsity per layer when an allocation spread the target unevenly
         self.layer_sparsity: dict[str, float] | None = None
+        #: after a guarded decision: which masks were kept and both calibration losses
+        self.guard_report: dict | None = None
         self._mask_hooks: MaskHooks | None = None
 
     # -- public API --------------------------------------------------------------------------
@@ -95,15 +99,20 @@ class GradProbe:
               compute_loss: LossOfBatch | None = None, mode: str = "threshold",
               oversample: float = 1.5, target_scope: str = "layer",
               allocation: Allocation | None = None, reconstruct: bool = False,
-              veto_fraction: float | None = None) -> dict[str, torch.Tensor]:
+              veto_fraction: float | None = None, guard: bool = False) -> dict[str, torch.Tensor]:
         """Probe and prune in place; returns masks (True = pruned) keyed by parameter name.
 
         ``mode="threshold"`` (the original): prune the selected weights whose gradient did not
         grow by more than ``gradient_threshold``; the result ends at or below ``sparsity``.
         ``mode="target"``: select ``oversample`` x ``sparsity`` tentatively and prune exactly
-        the ``sparsity`` fraction with the lowest gradient ratio new/old, per layer
-        (``target_scope="layer"``), over all layers (``"global"``), or N of every M with an
-        N:M strategy; ``self.equivalent_threshold`` then says which threshold that was.
+        ``sparsity`` in the strategy's own order and by its own rule (per row for Wanda, per
+        layer or global for magnitude, per N:M group), the candidates the probe vetoes ranked
+        after every other candidate (``gradprobe_dist.probe.target``; vetoed as in
+        ``mode="sparsegpt"`` below; ``veto_fraction=0`` gives the strategy's masks exactly).
+        A strategy that gives no scores (not a ``ScoredStrategy``: most user strategies)
+        falls back to pruning the candidates with the lowest gradient ratio new/old, per layer
+        (``target_scope="layer"``), over all layers (``"global"``), or N of every M;
+        ``self.equivalent_threshold`` says which threshold the pruned ratios reached.
         ``allocation`` spreads ``sparsity`` unevenly over layers (``gradprobe_dist.strategies.allocation``:
         ``owl`` from activation outliers, ``gradient`` from the probe's own redundancy
         measurements, the latter in target mode only); ``self.layer_sparsity`` records it.
@@ -114,7 +123,10 @@ class GradProbe:
         candidates, those whose gradient ratio exceeds ``1 + gradient_threshold`` (or, with
         ``veto_fraction``, that share of each layer's candidates with the highest ratios) are
         pruned only when SparseGPT's quota cannot be met without them
-        (``gradprobe_dist.probe.veto``). Masks have the local shape of each weight (the full shape unless the backend shards).
+        (``gradprobe_dist.probe.veto``). ``guard=True`` (target and sparsegpt modes) also
+        decides without the veto (the strategy's own masks, plain SparseGPT) and keeps
+        whichever has the lower calibration loss on the same batches (``decide_guarded``).
+        Masks have the local shape of each weight (the full shape unless the backend shards).
         ``compute_loss(model, batch) -> loss`` replaces the default batch handling.
         """
         check_prune_args(sparsity, num_batches, reduction_factor, gradient_threshold)
@@ -122,24 +134,60 @@ class GradProbe:
         check_fraction(veto_fraction)
         check_pattern(self.strategy, sparsity)
         check_allocation(allocation, mode, target_scope, self.strategy)
-        record = self.probe(dataloader, loss_fn, sparsity, num_batches, reduction_factor,
+        batches = take_batches(dataloader, num_batches)
+        record = self.probe(batches, loss_fn, sparsity, num_batches, reduction_factor,
                             verbose, compute_loss=compute_loss, allocation=allocation,
                             oversample=oversample if mode in ("target", "sparsegpt") else 1.0,
                             hessians=reconstruct or mode == "sparsegpt")
-        decision = self._decide(record, sparsity, mode, gradient_threshold, target_scope, reconstruct,
-                                veto_fraction)
+        options = dict(mode=mode, gradient_threshold=gradient_threshold, target_scope=target_scope,
+                       reconstruct=reconstruct, veto_fraction=veto_fraction)
+        decision = self._guarded(record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options) \
+            if guard else self._decide(record, sparsity, **options)
         if verbose:
             _report(self, decision, sparsity)
         return self.masks
 
     def decide(self, record: ProbeRecord, sparsity: float, *, mode: str = "threshold",
                gradient_threshold: float = 0.0, target_scope: str = "layer",
-               reconstruct: bool = False, veto_fraction: float | None = None) -> dict[str, torch.Tensor]:
+               reconstruct: bool = False, veto_fraction: float | None = None,
+               veto: bool = True) -> dict[str, torch.Tensor]:
         """Turn a probe's record into masks and apply them (see ``prune`` for the options);
         the pipeline calls ``probe`` and ``decide`` separately to checkpoint in between.
+        ``veto=False``: target and sparsegpt modes ignore the probe (the strategy's own masks,
+        plain SparseGPT), what ``decide_guarded`` compares against.
         The pure decision is ``gradprobe_dist.probe.decision.decide``."""
-        return self._decide(record, sparsity, mode, gradient_threshold, target_scope, reconstruct,
-                            veto_fraction).masks
+        return self._decide(record, sparsity, mode=mode, gradient_threshold=gradient_threshold,
+                            target_scope=target_scope, reconstruct=reconstruct,
+                            veto_fraction=veto_fraction, veto=veto).masks
+
+    def decide_guarded(self, record: ProbeRecord, sparsity: float, batches: list,
+                       loss_fn: Callable | None = None, *, compute_loss: LossOfBatch | None = None,
+                       **options) -> dict[str, torch.Tensor]:
+        """``decide`` with the probe's veto and without it; keep the masks (and updated
+        weights) with the lower mean calibration loss over ``batches`` (forward only, the
+        probe's own batches: no evaluation data), the veto's only when strictly lower.
+        ``self.guard_report`` says which won. Target and sparsegpt modes only."""
+        return self._guarded(record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options).masks
+
+    def _guarded(self, record: ProbeRecord, sparsity: float, batches: list, loss_of: LossOfBatch,
+                 **options) -> Decision:
+        mode = options.pop("mode", "threshold")
+        options.pop("veto", None)
+        if mode not in ("target", "sparsegpt"):
+            raise ValueError(f"guard compares the probe's veto with the strategy's own masks: it "
+                             f"needs mode='target' or 'sparsegpt' (got {mode!r})")
+        if mode == "target" and not isinstance(self.strategy, ScoredStrategy):
+            raise ValueError(f"guard needs the strategy's own order, but {self.strategy.get_name()} "
+                             "gives no scores: implement scores() (see ScoredStrategy) or drop guard")
+        kept, self.guard_report = guarded(
+            self.engine, record, batches, loss_of, lambda veto: self._decide(record, sparsity, mode=mode, veto=veto, **options),
+            updates_weights=mode == "sparsegpt" or options.get("reconstruct", False))
+        self.masks, self.equivalent_threshold = kept.masks, kept.equivalent_threshold
+        if self.backend.is_main:
+            log.info("guard (rank 0): calibration loss %.5f with the probe's veto, %.5f without: keeping "
+                     "the %s masks", self.guard_report["veto_loss"], self.guard_report["strategy_loss"],
+                     self.guard_report["kept"])
+        return kept
 
     def sweep_gradient_thresholds(self, dataloader: Iterable, loss_fn: Callable | None,
                                   eval_fn: Callable[[nn.Module], float], sparsity: float = 0.5,
@@ -250,7 +298,7 @@ class GradProbe:
                                       self.model, self.backend, self.param_names)
             layers = engine.reduced(batches, loss_of, tentative, baseline.stats, reduction_factor, verbose)
         record = ProbeRecord(layers, context.slices, baseline.hessians, layer_sparsity,
-                             nm_pattern(self.strategy), context.transposed)
+                             nm_pattern(self.strategy), context.transposed, context.input_sq_norms)
         if allocation is not None and allocation.kind == "gradient":
             record = dataclasses.replace(record, layer_sparsity=allocate_layers(
                 allocation, sparsity, redundancy_scores(record, self.backend), self.backend, record))
@@ -267,27 +315,46 @@ class GradProbe:
         self.engine.apply_masks(record.layers, masks)
         return masks
 
-    def _decide(self, record: ProbeRecord, sparsity: float, mode: str, gradient_threshold: float,
-                target_scope: str, reconstruct: bool, veto_fraction: float | None = None) -> Decision:
+    def _decide(self, record: ProbeRecord, sparsity: float, *, mode: str = "threshold",
+                gradient_threshold: float = 0.0, target_scope: str = "layer", reconstruct: bool = False,
+                veto_fraction: float | None = None, veto: bool = True) -> Decision:
         """The pure decision, applied to the weights (and reconstructed), kept as the results."""
+        check_fraction(veto_fraction)
         if mode == "sparsegpt":
             check_mode(mode, 1.0, target_scope)
             check_threshold(gradient_threshold)
             masks = sparsegpt_with_veto(self.backend, record, sparsity, gradient_threshold, veto_fraction,
-                                        reconstruct)
+                                        reconstruct, veto=veto)
             decision = counted(record, masks, self.backend)
             self.masks, self.equivalent_threshold = decision.masks, None
             return decision
         if reconstruct and not record.hessians:
             raise ValueError("reconstruct=True needs the layers' input Hessians: call "
                              "probe(..., hessians=True) first")
-        decision = decide(record, sparsity, self.backend, mode=mode,
-                          gradient_threshold=gradient_threshold, target_scope=target_scope)
+        order = vetoes = None
+        if mode == "target" and isinstance(self.strategy, ScoredStrategy):
+            order = self._strategy_order(record)
+            if veto:
+                vetoes = probe_vetoes(self.backend, record, gradient_threshold, veto_fraction)
+        decision = decide(record, sparsity, self.backend, mode=mode, gradient_threshold=gradient_threshold,
+                          target_scope=target_scope, order=order, vetoes=vetoes)
         self.engine.apply_masks(record.layers, decision.masks)
         if reconstruct:
             compensate(self.backend, record, decision.masks, transposed=record.transposed)
         self.masks, self.equivalent_threshold = decision.masks, decision.equivalent_threshold
         return decision
+
+    def _strategy_order(self, record: ProbeRecord) -> StrategyOrder:
+        """The strategy's scores of the original weights (an earlier decision undone first)
+        and its selection rule, with the layer sparsities the probe used."""
+        self.engine.ensure_prepared()
+        self.engine.restore(record.layers)
+        context = selection_context(self.backend, self.model, self.owners, {})
+        context.input_sq_norms = record.input_sq_norms or {}
+        context.layer_sparsity = record.layer_sparsity
+        strategy = self.strategy
+        return StrategyOrder(strategy.scores(context),
+                             lambda scores, sparsity: strategy.select_lowest(context, scores, sparsity))
 
 
 def _report(probe: GradProbe, decision: Decision, target: float) -> None:

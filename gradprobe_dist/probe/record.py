@@ -75,6 +75,9 @@ class ProbeRecord:
     nm: tuple[int, int] | None = None
     #: weights stored as [in, out] (GPT-2's Conv1D): an output feature is a column
     transposed: frozenset[str] = frozenset()
+    #: per weight, the calibration inputs' sum of x_j^2 over all ranks when the strategy used
+    #: them, so target mode can score the original weights in the strategy's order again
+    input_sq_norms: dict[str, torch.Tensor] | None = None
 
     def masks(self, gradient_threshold: float) -> dict[str, torch.Tensor]:
         return {n: layer.threshold_mask(gradient_threshold) for n, layer in self.layers.items()}

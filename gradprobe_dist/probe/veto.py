@@ -1,4 +1,5 @@
-"""The probe as a veto inside SparseGPT: which candidates SparseGPT should keep if it can.
+"""The probe as a veto: which candidates SparseGPT (or, in target mode, the strategy's own
+order, ``probe.target``) should keep if it can.
 
 ``mode="sparsegpt"`` lets SparseGPT choose the mask (its own order, its own quota per column
 block or N:M group) and gives it one extra fact per probed candidate: did the weight's
@@ -50,15 +51,15 @@ def probe_vetoes(backend: Backend, record: ProbeRecord, gradient_threshold: floa
 
 
 def sparsegpt_with_veto(backend: Backend, record: ProbeRecord, sparsity: float, gradient_threshold: float,
-                        fraction: float | None, reconstruct: bool) -> dict[str, torch.Tensor]:
-    """``mode="sparsegpt"``: SparseGPT's masks with the probe's veto; SparseGPT updates the
-    kept weights itself (a collective)."""
+                        fraction: float | None, reconstruct: bool, veto: bool = True) -> dict[str, torch.Tensor]:
+    """``mode="sparsegpt"``: SparseGPT's masks with the probe's veto (``veto=False``: plain
+    SparseGPT on the same Hessians); SparseGPT updates the kept weights itself (a collective)."""
     if reconstruct:
         raise ValueError("mode='sparsegpt' updates the kept weights itself: drop reconstruct=True")
     missing = [n for n in record.layers if n not in (record.hessians or {})]
     if missing:
         raise ValueError(f"mode='sparsegpt' needs the input Hessian of every probed layer "
                          f"(probe(..., hessians=True), Linear layers only); {missing[0]!r} has none")
-    vetoes = probe_vetoes(backend, record, gradient_threshold, fraction)
+    vetoes = probe_vetoes(backend, record, gradient_threshold, fraction) if veto else None
     return sparsegpt_masks(backend, record.hessians, sparsity, nm=record.nm, vetoes=vetoes,
                            transposed=record.transposed)

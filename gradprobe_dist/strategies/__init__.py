@@ -1,5 +1,5 @@
 """Tentative-selection strategies and a name -> class registry for configs."""
-from gradprobe_dist.strategies.base import PruningStrategy, SelectionContext
+from gradprobe_dist.strategies.base import PruningStrategy, ScoredStrategy, SelectionContext
 from gradprobe_dist.strategies.magnitude import MagnitudePruning
 from gradprobe_dist.strategies.random import RandomPruning
 from gradprobe_dist.strategies.wanda import WandaPruning
@@ -21,5 +21,5 @@ def build_strategy(name: str, **options) -> PruningStrategy:
         raise TypeError(f"bad options {options} for strategy {name!r}: {err}") from None
 
 
-__all__ = ["PruningStrategy", "SelectionContext", "MagnitudePruning", "WandaPruning",
+__all__ = ["PruningStrategy", "ScoredStrategy", "SelectionContext", "MagnitudePruning", "WandaPruning",
            "RandomPruning", "STRATEGIES", "build_strategy"]

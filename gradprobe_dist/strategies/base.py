@@ -142,6 +142,26 @@ def choose_per_output(backend: Backend, name: str, where: LocalSlice, transposed
     return backend.scatter_full(name, full_mask)
 
 
+class ScoredStrategy(PruningStrategy):
+    """A strategy defined by a score and a rule picking the lowest scores (the built-ins).
+
+    Target mode walks this order with the probe's veto (vetoed candidates moved last, the
+    same rule applied); a strategy that only returns masks gets the ratio-only fallback."""
+
+    @abstractmethod
+    def scores(self, context: SelectionContext) -> dict[str, torch.Tensor]:
+        """Local scores per weight, lower = pruned first."""
+
+    @abstractmethod
+    def select_lowest(self, context: SelectionContext, scores: dict[str, torch.Tensor],
+                      sparsity: float) -> dict[str, torch.Tensor]:
+        """The strategy's own rule (exactly its count of the lowest ``scores`` per row, per
+        layer, over all layers or per N:M group) applied to any ``scores``."""
+
+    def select(self, context: SelectionContext, sparsity: float) -> dict[str, torch.Tensor]:
+        return self.select_lowest(context, self.scores(context), sparsity)
+
+
 def count_to_select(numel: int, sparsity: float) -> int:
     """How many of ``numel`` weights a ``sparsity`` fraction selects (rounded down; the
     epsilon keeps e.g. 100 * 0.29 = 28.999999999999996 from losing a weight)."""

@@ -5,12 +5,12 @@ import torch
 import torch.nn as nn
 
 from gradprobe_dist.probe.decision import lowest_in_groups
-from gradprobe_dist.strategies.base import PruningStrategy, SelectionContext, check_nm_shape, count_to_select, parse_pattern
+from gradprobe_dist.strategies.base import ScoredStrategy, SelectionContext, check_nm_shape, count_to_select, parse_pattern
 
 SCOPES = ("layer", "global")
 
 
-class MagnitudePruning(PruningStrategy):
+class MagnitudePruning(ScoredStrategy):
     """Select the ``sparsity`` fraction of smallest-magnitude weights.
 
     ``scope="layer"``: exactly floor(sparsity * numel) in every layer;
@@ -32,8 +32,11 @@ class MagnitudePruning(PruningStrategy):
     def select_weights_to_prune(self, model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
         return self.select(SelectionContext.for_model(model), sparsity)
 
-    def select(self, context: SelectionContext, sparsity: float) -> dict[str, torch.Tensor]:
-        scores = {n: w.detach().abs() for n, w in context.weights.items()}
+    def scores(self, context: SelectionContext) -> dict[str, torch.Tensor]:
+        return {n: w.detach().abs() for n, w in context.weights.items()}
+
+    def select_lowest(self, context: SelectionContext, scores: dict[str, torch.Tensor],
+                      sparsity: float) -> dict[str, torch.Tensor]:
         if self.nm:
             m = self.nm[1]
             k = count_to_select(m, sparsity)

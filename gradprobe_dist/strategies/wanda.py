@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from gradprobe_dist.parallel.base import LocalSlice
 from gradprobe_dist.probe.decision import lowest_in_groups
-from gradprobe_dist.strategies.base import PruningStrategy, SelectionContext, check_nm_shape, count_to_select, parse_pattern
+from gradprobe_dist.strategies.base import ScoredStrategy, SelectionContext, check_nm_shape, count_to_select, parse_pattern
 
 
 def input_norms(input_sq_norm: torch.Tensor, full_shape: torch.Size, transposed: bool) -> torch.Tensor:
@@ -65,7 +65,7 @@ def lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-class WandaPruning(PruningStrategy):
+class WandaPruning(ScoredStrategy):
     """Per output feature, the ``sparsity`` fraction of weights with the lowest Wanda score;
     with ``pattern="N:M"``, the lowest floor(sparsity * M) of every M consecutive inputs."""
 
@@ -82,11 +82,15 @@ class WandaPruning(PruningStrategy):
                         "GradProbe(model, WandaPruning()).prune(...), or call "
                         "select(context, sparsity) with context.input_sq_norms filled")
 
-    def select(self, context: SelectionContext, sparsity: float) -> dict[str, torch.Tensor]:
+    def scores(self, context: SelectionContext) -> dict[str, torch.Tensor]:
+        return {name: wanda_scores(weight, context.input_sq_norms[name], context.slices[name],
+                                   name in context.transposed)
+                for name, weight in context.weights.items()}
+
+    def select_lowest(self, context: SelectionContext, scores: dict[str, torch.Tensor],
+                      sparsity: float) -> dict[str, torch.Tensor]:
         masks = {}
-        for name, weight in context.weights.items():
-            scores = wanda_scores(weight, context.input_sq_norms[name], context.slices[name],
-                                  name in context.transposed)
+        for name in context.weights:
             if self.nm:
                 m = self.nm[1]
                 check_nm_shape(context, name, m)
@@ -95,5 +99,5 @@ class WandaPruning(PruningStrategy):
             else:
                 k = count_to_select(context.inputs_per_output(name), context.sparsity_of(name, sparsity))
                 choose = lambda rows, k=k: lowest_per_row(rows, k)  # noqa: E731
-            masks[name] = context.select_in_rows(name, scores, choose)
+            masks[name] = context.select_in_rows(name, scores[name], choose)
         return masks

@@ -1,0 +1,240 @@
+"""Target mode walks the strategy's own order with the probe as a veto (probe/target.py):
+with nothing vetoed the masks are the strategy's exactly; with a veto the quota is still
+exact and the vetoed candidates go last; a strategy without scores falls back to the
+lowest gradient ratios; the calibration-loss guard keeps the better of the two; 2 FSDP2
+ranks give one process's masks."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gradprobe_dist import GradProbe, MagnitudePruning, RandomPruning, SimpleMLP, WandaPruning
+from gradprobe_dist.parallel import build_backend
+from gradprobe_dist.parallel.local import LocalBackend
+from gradprobe_dist.probe.decision import check_nm
+from gradprobe_dist.probe.veto import probe_vetoes
+from gradprobe_dist.strategies import PruningStrategy, SelectionContext
+from gradprobe_dist.strategies.activations import collect_input_sq_norms
+from gradprobe_dist.strategies.base import count_to_select
+from multiproc import run_ranks
+
+LOSS = nn.CrossEntropyLoss()
+
+
+def _data(n=4, b=32):
+    g = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-1, 1, 24)
+    return [(torch.randn(b, 24, generator=g) * scales, torch.randint(0, 6, (b,), generator=g))
+            for _ in range(n)]
+
+
+def _model():
+    torch.manual_seed(0)
+    return SimpleMLP(24, [32, 16], 6)
+
+
+def _strategy_alone(strategy, sparsity):
+    """The strategy's own masks at ``sparsity`` on the dense model (Wanda's norms from the
+    same calibration batches)."""
+    model = _model()
+    context = SelectionContext.for_model(model)
+    with collect_input_sq_norms({n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}) as norms:
+        with torch.no_grad():
+            for x, _ in _data():
+                model(x)
+    context.input_sq_norms = {f"{n}.weight": v for n, v in norms.items()}
+    return strategy.select(context, sparsity)
+
+
+STRATEGIES = [(MagnitudePruning, {}), (MagnitudePruning, {"scope": "global"}), (MagnitudePruning, {"pattern": "2:4"}),
+              (WandaPruning, {}), (WandaPruning, {"pattern": "2:4"}), (RandomPruning, {"seed": 3})]
+
+
+@pytest.mark.parametrize("cls, options", STRATEGIES)
+def test_with_no_veto_the_masks_are_the_strategys_exactly(cls, options):
+    model = _model()
+    masks = GradProbe(model, cls(**options)).prune(_data(), LOSS, 0.5, 4, mode="target", veto_fraction=0.0)
+    alone = _strategy_alone(cls(**options), 0.5)
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert torch.equal(mask, alone[name]), name
+        assert (params[name][mask] == 0).all()
+
+
+@pytest.mark.parametrize("cls, options", STRATEGIES)
+@pytest.mark.parametrize("fraction", [0.2, 0.6])
+def test_with_a_veto_the_quota_is_exact_and_vetoed_candidates_go_last(cls, options, fraction):
+    model = _model()
+    probe = GradProbe(model, cls(**options))
+    record = probe.probe(_data(), LOSS, 0.5, 4, 0.1, oversample=1.5)
+    vetoes = probe_vetoes(probe.backend, record, fraction=fraction)
+    masks = probe.decide(record, 0.5, mode="target", veto_fraction=fraction)
+    alone = _strategy_alone(cls(**options), 0.5)
+    for name, mask in masks.items():
+        cols = mask.shape[1]
+        assert not (mask & ~record.layers[name].tentative).any()
+        if "pattern" in options:
+            check_nm(mask, 2, 4, exact=True)
+        elif cls is WandaPruning:
+            assert (mask.sum(1) == count_to_select(cols, 0.5)).all(), name
+        elif options.get("scope") != "global":
+            assert int(mask.sum()) == count_to_select(mask.numel(), 0.5), name
+        if options.get("scope") != "global":
+            # vetoed candidates are taken only where too few unvetoed ones remain
+            groups = (mask.shape[0], -1, 4) if "pattern" in options else \
+                (mask.shape[0], -1) if cls is WandaPruning else (1, -1)
+            quota = mask.reshape(groups).sum(-1)
+            free = (record.layers[name].tentative & ~vetoes[name]).reshape(groups).sum(-1)
+            taken = (mask & vetoes[name]).reshape(groups).sum(-1)
+            assert torch.equal(taken, (quota - free).clamp(min=0)), name
+    if options.get("scope") == "global":
+        total = sum(m.numel() for m in masks.values())
+        assert sum(int(m.sum()) for m in masks.values()) == count_to_select(total, 0.5)
+    assert any(not torch.equal(masks[n], alone[n]) for n in masks)  # the veto moved something
+
+
+def test_vetoed_weights_are_replaced_by_the_next_in_wandas_row_order():
+    model = _model()
+    probe = GradProbe(model, WandaPruning())
+    record = probe.probe(_data(), LOSS, 0.5, 4, 0.1, oversample=1.5)
+    vetoes = probe_vetoes(probe.backend, record, fraction=0.2)
+    masks = probe.decide(record, 0.5, mode="target", veto_fraction=0.2)
+    context = SelectionContext.for_model(_model())
+    context.input_sq_norms = record.input_sq_norms
+    scores = WandaPruning().scores(context)
+    for name, mask in masks.items():
+        # per row: unvetoed candidates by Wanda score, then vetoed ones by score, then the rest
+        rank_class = (~record.layers[name].tentative).long() * 2 + vetoes[name].long()
+        by_score = torch.sort(scores[name], dim=1, stable=True).indices
+        order = by_score.gather(1, torch.sort(rank_class.gather(1, by_score), dim=1, stable=True).indices)
+        k = count_to_select(mask.shape[1], 0.5)
+        expected = torch.zeros_like(mask).scatter_(1, order[:, :k], True)
+        assert (mask & vetoes[name]).any() or name != "layers.0.weight"  # some rows had to take one
+        assert torch.equal(mask, expected), name
+
+
+class MasksOnly(PruningStrategy):
+    """A user strategy that only returns masks (magnitude's, through the original API)."""
+
+    def select_weights_to_prune(self, model, sparsity):
+        return MagnitudePruning().select_weights_to_prune(model, sparsity)
+
+    def get_name(self):
+        return "masks_only"
+
+
+def test_a_strategy_without_scores_falls_back_to_the_lowest_ratios():
+    model = _model()
+    probe = GradProbe(model, MasksOnly())
+    record = probe.probe(_data(), LOSS, 0.5, 4, 0.1, oversample=1.5)
+    masks = probe.decide(record, 0.5, mode="target")
+    for name, layer in record.layers.items():
+        assert int(masks[name].sum()) == count_to_select(masks[name].numel(), 0.5)
+        ratio, pruned = layer.ratio(), masks[name][layer.tentative]
+        assert ratio[pruned].max() <= ratio[~pruned].min()
+    with pytest.raises(ValueError, match="gives no scores"):
+        GradProbe(_model(), MasksOnly()).prune(_data(), LOSS, 0.5, 4, mode="target", guard=True)
+
+
+def _calibration_loss(model, masks):
+    model = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].masked_fill_(mask, 0.0)
+        return sum(float(LOSS(model(x), y)) for x, y in _data()) / len(_data())
+
+
+@pytest.mark.parametrize("cls, options", [(WandaPruning, {}), (MagnitudePruning, {"pattern": "2:4"})])
+def test_the_guard_keeps_the_masks_with_the_lower_calibration_loss(cls, options):
+    dense = _model()
+    model = copy.deepcopy(dense)
+    probe = GradProbe(model, cls(**options))
+    masks = probe.prune(_data(), LOSS, 0.5, 4, mode="target", veto_fraction=0.3, guard=True)
+    vetoed = GradProbe(copy.deepcopy(dense), cls(**options)).prune(_data(), LOSS, 0.5, 4, mode="target",
+                                                                   veto_fraction=0.3)
+    own = _strategy_alone(cls(**options), 0.5)
+    report = probe.guard_report
+    assert report["veto_loss"] == pytest.approx(_calibration_loss(dense, vetoed), rel=1e-5)
+    assert report["strategy_loss"] == pytest.approx(_calibration_loss(dense, own), rel=1e-5)
+    kept = vetoed if report["veto_loss"] < report["strategy_loss"] else own
+    assert report["kept"] == ("probe veto" if kept is vetoed else "strategy")
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        assert torch.equal(mask, kept[name])
+        assert torch.equal(params[name] == 0, kept[name] | (dict(dense.named_parameters())[name] == 0))
+
+
+@pytest.mark.parametrize("veto_wins", [True, False])
+@pytest.mark.parametrize("mode", ["target", "sparsegpt"])
+def test_the_guard_takes_either_side(monkeypatch, veto_wins, mode):
+    """Whichever side measures lower is kept, masks and (SparseGPT's) updated weights alike."""
+    losses = iter([1.0, 2.0] if veto_wins else [2.0, 1.0])
+    monkeypatch.setattr(GradProbe, "_calibration_loss", lambda self, batches, loss_of: next(losses))
+    reference = {}
+    for veto in (True, False):
+        m = _model()
+        p = GradProbe(m, WandaPruning())
+        record = p.probe(_data(), LOSS, 0.5, 4, 0.1, oversample=1.5, hessians=mode == "sparsegpt")
+        reference[veto] = (p.decide(record, 0.5, mode=mode, veto_fraction=0.3, veto=veto),
+                           {n: t.detach().clone() for n, t in m.named_parameters()})
+    model = _model()
+    probe = GradProbe(model, WandaPruning())
+    masks = probe.prune(_data(), LOSS, 0.5, 4, mode=mode, veto_fraction=0.3, guard=True)
+    assert probe.guard_report["kept"] == ("probe veto" if veto_wins else "strategy")
+    want_masks, want_weights = reference[veto_wins]
+    assert any(not torch.equal(reference[True][0][n], reference[False][0][n]) for n in masks)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, want_weights[name]), name
+        if name in masks:
+            assert torch.equal(masks[name], want_masks[name])
+
+
+def _target_on_ranks(backend, rank, world, pattern, guard):
+    model = _model()
+    width = 32 // world
+    batches = [(x[rank * width:(rank + 1) * width], y[rank * width:(rank + 1) * width]) for x, y in _data()]
+    probe = GradProbe(model, WandaPruning(pattern=pattern), backend=backend)
+    masks = probe.prune(batches, LOSS, 0.5, 4, mode="target", veto_fraction=0.2, guard=guard)
+    backend.prepare(model, probe.param_names)
+    return {n: backend.gather_full(n, m) for n, m in masks.items()}, probe.guard_report
+
+
+def _ranked(rank, world):
+    return [_target_on_ranks(build_backend("fsdp", torch.device("cpu")), rank, world, pattern, guard)
+            for pattern, guard in ((None, False), ("2:4", False), (None, True))]
+
+
+def test_two_fsdp_ranks_equal_one_process():
+    results = run_ranks(_ranked, 2, timeout=300)[0]
+    for (pattern, guard), (masks, report) in zip(((None, False), ("2:4", False), (None, True)), results):
+        ref_masks, ref_report = _target_on_ranks(LocalBackend(device="cpu"), 0, 1, pattern, guard)
+        for name, mask in ref_masks.items():
+            assert torch.equal(masks[name].reshape(mask.shape), mask), f"{pattern} guard={guard} {name}"
+        if guard:
+            assert report["kept"] == ref_report["kept"]
+            assert report["veto_loss"] == pytest.approx(ref_report["veto_loss"], rel=1e-5)
+
+
+def test_pipeline_guard_per_stage_and_veto_none_is_the_strategy(tmp_path, log_lines):
+    from gradprobe_dist.checkpoint.store import load_masks
+    from gradprobe_dist.pipeline.config import ConfigError, load_config
+    from test_pipeline import STAGE_LAYERS, job_for, make_tiny_data, write_config
+
+    data = make_tiny_data(tmp_path / "data")
+    masks = {}
+    for veto, guard in (("none", False), ("fraction", True)):
+        config = write_config(tmp_path / f"{veto}.yaml", data, output_dir=tmp_path / veto,
+                              prune={"mode": "target", "strategy": "wanda", "veto": veto, "guard": guard})
+        job_for(config).run()
+        masks[veto] = load_masks(tmp_path / veto)
+    guarded = [line for line in log_lines if "guard (rank 0)" in line]
+    assert len(guarded) == len(STAGE_LAYERS)  # one decision per stage, in stage order
+    for line, stage in zip(guarded, STAGE_LAYERS):
+        # veto none gives Wanda's own masks: the guard kept those unless the veto's loss was lower
+        same = all(torch.equal(masks["none"][n], masks["fraction"][n]) for n in stage)
+        assert ("keeping the strategy masks" in line) == same, line
+    with pytest.raises(ConfigError, match="prune.guard"):
+        load_config(write_config(tmp_path / "bad.yaml", data, output_dir=tmp_path / "bad",
+                                 prune={"mode": "threshold", "guard": True}))
