@@ -235,6 +235,10 @@ def test_pipeline_guard_per_stage_and_veto_none_is_the_strategy(tmp_path, log_li
         # veto none gives Wanda's own masks: the guard kept those unless the veto's loss was lower
         same = all(torch.equal(masks["none"][n], masks["fraction"][n]) for n in stage)
         assert ("keeping the strategy masks" in line) == same, line
+    config = write_config(tmp_path / "sgpt.yaml", data, output_dir=tmp_path / "sgpt",
+                          prune={"mode": "sparsegpt", "strategy": "wanda", "veto": "fraction", "guard": True})
+    job_for(config).run()  # SparseGPT with the guard: both sides updated weights, one kept per stage
+    assert len([line for line in log_lines if "guard (rank 0)" in line]) == 2 * len(STAGE_LAYERS)
     with pytest.raises(ConfigError, match="prune.guard"):
         load_config(write_config(tmp_path / "bad.yaml", data, output_dir=tmp_path / "bad",
                                  prune={"mode": "threshold", "guard": True}))

@@ -1,0 +1,27 @@
+"""bench.quality_llm --smoke on a tiny random LLaMA: every row of a group at the same actual
+sparsity, 2:4 rows follow the pattern (both asserted by the bench), and target mode with no
+veto is exactly Wanda (the same perplexity)."""
+import json
+
+from bench import quality_llm
+
+
+def test_smoke_rows_and_reports(tmp_path):
+    report = quality_llm.main(["--smoke", "--out", str(tmp_path)])
+    rows = report["rows"]
+    assert {r["group"] for r in rows} == {"0.5", "0.5 threshold", "2:4"}
+    for group in ("0.5", "2:4"):
+        methods = [r["method"] for r in rows if r["group"] == group]
+        assert len(methods) == 5 and all(abs(r["sparsity"] - 0.5) < 1e-6 for r in rows if r["group"] == group)
+    guarded = [r for r in rows if "guard" in r]
+    assert len(guarded) == 4 and all(r["guard"]["kept"] in ("probe veto", "strategy") for r in guarded)
+    assert json.loads((tmp_path / "quality_llm-smoke.json").read_text())["rows"] == rows
+    assert "## 2:4" in (tmp_path / "quality_llm-smoke.md").read_text()
+
+
+def test_target_mode_without_veto_is_wanda(tmp_path):
+    rows = quality_llm.main(["--smoke", "--out", str(tmp_path), "--targets", "0.5", "2:4", "--veto", "0",
+                             "--methods", "wanda", "target"])["rows"]
+    for group in ("0.5", "2:4"):
+        wanda, target = [r["perplexity"] for r in rows if r["group"] == group]
+        assert wanda == target
