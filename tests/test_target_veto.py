@@ -13,6 +13,7 @@ from gradprobe_dist import GradProbe, MagnitudePruning, RandomPruning, SimpleMLP
 from gradprobe_dist.parallel import build_backend
 from gradprobe_dist.parallel.local import LocalBackend
 from gradprobe_dist.probe.decision import check_nm
+from gradprobe_dist.probe.engine import ProbeEngine
 from gradprobe_dist.probe.veto import probe_vetoes
 from gradprobe_dist.strategies import PruningStrategy, SelectionContext
 from gradprobe_dist.strategies.activations import collect_input_sq_norms
@@ -171,7 +172,7 @@ def test_the_guard_keeps_the_masks_with_the_lower_calibration_loss(cls, options)
 def test_the_guard_takes_either_side(monkeypatch, veto_wins, mode):
     """Whichever side measures lower is kept, masks and (SparseGPT's) updated weights alike."""
     losses = iter([1.0, 2.0] if veto_wins else [2.0, 1.0])
-    monkeypatch.setattr(GradProbe, "_calibration_loss", lambda self, batches, loss_of: next(losses))
+    monkeypatch.setattr(ProbeEngine, "calibration_loss", lambda self, batches, loss_of: next(losses))
     reference = {}
     for veto in (True, False):
         m = _model()
