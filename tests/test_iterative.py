@@ -12,7 +12,7 @@ from gradprobe_dist.checkpoint import (CheckpointMismatchError, MaskCheckpoint, 
 from gradprobe_dist.pipeline.iterative import WEIGHTS_FILE, iterative_prune
 from gradprobe_dist.pipeline.rounds import schedule_values, tentative_fraction
 from gradprobe_dist.checkpoint.format import RATIO_KEY
-from gradprobe_dist.strategies.base import count_to_select
+from gradprobe_dist.strategies.base import PruningStrategy, count_to_select
 
 LOSS = nn.CrossEntropyLoss()
 BATCHES = 3
@@ -139,10 +139,21 @@ def test_global_scope_reaches_the_total_exactly():
     assert sum(int(m.sum()) for m in probe.masks.values()) == rows[-1]["pruned"]
 
 
+class MagnitudeMasks(PruningStrategy):
+    """Magnitude through the original API only (no scores): one-shot target mode then ranks
+    candidates by gradient ratio, the rule rounds use among the alive candidates."""
+
+    def select_weights_to_prune(self, model, sparsity):
+        return MagnitudePruning().select_weights_to_prune(model, sparsity)
+
+    def get_name(self):
+        return "magnitude_masks"
+
+
 @pytest.mark.parametrize("mode", ["target", "threshold"])
 def test_one_round_is_one_shot_pruning(mode):
     one_shot = _model()
-    masks = GradProbe(one_shot, MagnitudePruning()).prune(
+    masks = GradProbe(one_shot, MagnitudeMasks() if mode == "target" else MagnitudePruning()).prune(
         _batches(), LOSS, sparsity=0.6, num_batches=BATCHES, gradient_threshold=0.1, mode=mode,
         oversample=1.5)
     probe, _ = _run(target=0.6, rounds=1, mode=mode, gradient_threshold=0.1)

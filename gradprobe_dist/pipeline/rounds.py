@@ -12,7 +12,9 @@ since scaling zero changes nothing and a round decides only among its *alive* ca
   the alive candidates with the lowest gradient ratio new/old are pruned until exactly
   ``floor(s_r numel)`` weights are pruned per layer (or over all layers with
   ``target_scope="global"``). A strategy that does not re-select the zeros (random) offers
-  fewer alive candidates; a shortfall is logged and shows in the rows.
+  fewer alive candidates; a shortfall is logged and shows in the rows. (Rounds still rank
+  the alive candidates by the ratio alone; one-shot target mode walks the strategy's own
+  order with the probe's veto, ``gradprobe_dist.probe.target``.)
 * ``mode="threshold"``: the probe selects s_r; alive candidates whose gradient did not grow
   by more than ``gradient_threshold`` are pruned, so a round ends at or below s_r.
 
