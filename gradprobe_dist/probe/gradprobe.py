@@ -141,8 +141,8 @@ class GradProbe:
                             hessians=reconstruct or mode == "sparsegpt")
         options = dict(mode=mode, gradient_threshold=gradient_threshold, target_scope=target_scope,
                        reconstruct=reconstruct, veto_fraction=veto_fraction)
-        decision = self._guarded(record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options) \
-            if guard else self._decide(record, sparsity, **options)
+        decision = _guarded(self, record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options) \
+            if guard else _decide(self, record, sparsity, **options)
         if verbose:
             _report(self, decision, sparsity)
         return self.masks
@@ -156,7 +156,7 @@ class GradProbe:
         ``veto=False``: target and sparsegpt modes ignore the probe (the strategy's own masks,
         plain SparseGPT), what ``decide_guarded`` compares against.
         The pure decision is ``gradprobe_dist.probe.decision.decide``."""
-        return self._decide(record, sparsity, mode=mode, gradient_threshold=gradient_threshold,
+        return _decide(self, record, sparsity, mode=mode, gradient_threshold=gradient_threshold,
                             target_scope=target_scope, reconstruct=reconstruct,
                             veto_fraction=veto_fraction, veto=veto).masks
 
@@ -167,27 +167,7 @@ class GradProbe:
         weights) with the lower mean calibration loss over ``batches`` (forward only, the
         probe's own batches: no evaluation data), the veto's only when strictly lower.
         ``self.guard_report`` says which won. Target and sparsegpt modes only."""
-        return self._guarded(record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options).masks
-
-    def _guarded(self, record: ProbeRecord, sparsity: float, batches: list, loss_of: LossOfBatch,
-                 **options) -> Decision:
-        mode = options.pop("mode", "threshold")
-        options.pop("veto", None)
-        if mode not in ("target", "sparsegpt"):
-            raise ValueError(f"guard compares the probe's veto with the strategy's own masks: it "
-                             f"needs mode='target' or 'sparsegpt' (got {mode!r})")
-        if mode == "target" and not isinstance(self.strategy, ScoredStrategy):
-            raise ValueError(f"guard needs the strategy's own order, but {self.strategy.get_name()} "
-                             "gives no scores: implement scores() (see ScoredStrategy) or drop guard")
-        kept, self.guard_report = guarded(
-            self.engine, record, batches, loss_of, lambda veto: self._decide(record, sparsity, mode=mode, veto=veto, **options),
-            updates_weights=mode == "sparsegpt" or options.get("reconstruct", False))
-        self.masks, self.equivalent_threshold = kept.masks, kept.equivalent_threshold
-        if self.backend.is_main:
-            log.info("guard (rank 0): calibration loss %.5f with the probe's veto, %.5f without: keeping "
-                     "the %s masks", self.guard_report["veto_loss"], self.guard_report["strategy_loss"],
-                     self.guard_report["kept"])
-        return kept
+        return _guarded(self, record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options).masks
 
     def sweep_gradient_thresholds(self, dataloader: Iterable, loss_fn: Callable | None,
                                   eval_fn: Callable[[nn.Module], float], sparsity: float = 0.5,
@@ -310,51 +290,75 @@ class GradProbe:
         return self.apply_masks(record, record.masks(gradient_threshold))
 
     def apply_masks(self, record: ProbeRecord, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Zero ``masks`` (a subset of the tentative sets), restore every other tentative
-        weight bit-exactly from its saved original; returns ``masks``."""
+        """Zero ``masks`` (within the tentative sets), restore the other candidates bit-exactly."""
         self.engine.apply_masks(record.layers, masks)
         return masks
 
-    def _decide(self, record: ProbeRecord, sparsity: float, *, mode: str = "threshold",
-                gradient_threshold: float = 0.0, target_scope: str = "layer", reconstruct: bool = False,
-                veto_fraction: float | None = None, veto: bool = True) -> Decision:
-        """The pure decision, applied to the weights (and reconstructed), kept as the results."""
-        check_fraction(veto_fraction)
-        if mode == "sparsegpt":
-            check_mode(mode, 1.0, target_scope)
-            check_threshold(gradient_threshold)
-            masks = sparsegpt_with_veto(self.backend, record, sparsity, gradient_threshold, veto_fraction,
-                                        reconstruct, veto=veto)
-            decision = counted(record, masks, self.backend)
-            self.masks, self.equivalent_threshold = decision.masks, None
-            return decision
-        if reconstruct and not record.hessians:
-            raise ValueError("reconstruct=True needs the layers' input Hessians: call "
-                             "probe(..., hessians=True) first")
-        order = vetoes = None
-        if mode == "target" and isinstance(self.strategy, ScoredStrategy):
-            order = self._strategy_order(record)
-            if veto:
-                vetoes = probe_vetoes(self.backend, record, gradient_threshold, veto_fraction)
-        decision = decide(record, sparsity, self.backend, mode=mode, gradient_threshold=gradient_threshold,
-                          target_scope=target_scope, order=order, vetoes=vetoes)
-        self.engine.apply_masks(record.layers, decision.masks)
-        if reconstruct:
-            compensate(self.backend, record, decision.masks, transposed=record.transposed)
-        self.masks, self.equivalent_threshold = decision.masks, decision.equivalent_threshold
-        return decision
 
-    def _strategy_order(self, record: ProbeRecord) -> StrategyOrder:
-        """The strategy's scores of the original weights (an earlier decision undone first)
-        and its selection rule, with the layer sparsities the probe used."""
-        self.engine.ensure_prepared()
-        self.engine.restore(record.layers)
-        context = selection_context(self.backend, self.model, self.owners, {})
-        context.input_sq_norms = record.input_sq_norms or {}
-        context.layer_sparsity = record.layer_sparsity
-        strategy = self.strategy
-        return StrategyOrder(strategy.scores(context),
-                             lambda scores, sparsity: strategy.select_lowest(context, scores, sparsity))
+def _guarded(probe: GradProbe, record: ProbeRecord, sparsity: float, batches: list, loss_of: LossOfBatch,
+             **options) -> Decision:
+    """``decide_guarded``'s work: both decisions, the one with the lower calibration loss kept."""
+    mode = options.pop("mode", "threshold")
+    options.pop("veto", None)
+    if mode not in ("target", "sparsegpt"):
+        raise ValueError(f"guard compares the probe's veto with the strategy's own masks: it "
+                         f"needs mode='target' or 'sparsegpt' (got {mode!r})")
+    if mode == "target" and not isinstance(probe.strategy, ScoredStrategy):
+        raise ValueError(f"guard needs the strategy's own order, but {probe.strategy.get_name()} "
+                         "gives no scores: implement scores() (see ScoredStrategy) or drop guard")
+    kept, probe.guard_report = guarded(
+        probe.engine, record, batches, loss_of,
+        lambda veto: _decide(probe, record, sparsity, mode=mode, veto=veto, **options),
+        updates_weights=mode == "sparsegpt" or options.get("reconstruct", False))
+    probe.masks, probe.equivalent_threshold = kept.masks, kept.equivalent_threshold
+    if probe.backend.is_main:
+        log.info("guard (rank 0): calibration loss %.5f with the probe's veto, %.5f without: keeping "
+                 "the %s masks", probe.guard_report["veto_loss"], probe.guard_report["strategy_loss"],
+                 probe.guard_report["kept"])
+    return kept
+
+
+def _decide(probe: GradProbe, record: ProbeRecord, sparsity: float, *, mode: str = "threshold",
+            gradient_threshold: float = 0.0, target_scope: str = "layer", reconstruct: bool = False,
+            veto_fraction: float | None = None, veto: bool = True) -> Decision:
+    """The pure decision, applied to the weights (and reconstructed), kept as the results."""
+    check_fraction(veto_fraction)
+    if mode == "sparsegpt":
+        check_mode(mode, 1.0, target_scope)
+        check_threshold(gradient_threshold)
+        masks = sparsegpt_with_veto(probe.backend, record, sparsity, gradient_threshold, veto_fraction,
+                                    reconstruct, veto=veto)
+        decision = counted(record, masks, probe.backend)
+        probe.masks, probe.equivalent_threshold = decision.masks, None
+        return decision
+    if reconstruct and not record.hessians:
+        raise ValueError("reconstruct=True needs the layers' input Hessians: call "
+                         "probe(..., hessians=True) first")
+    order = vetoes = None
+    if mode == "target" and isinstance(probe.strategy, ScoredStrategy):
+        order = _strategy_order(probe, record)
+        if veto:
+            vetoes = probe_vetoes(probe.backend, record, gradient_threshold, veto_fraction)
+    decision = decide(record, sparsity, probe.backend, mode=mode, gradient_threshold=gradient_threshold,
+                      target_scope=target_scope, order=order, vetoes=vetoes)
+    probe.engine.apply_masks(record.layers, decision.masks)
+    if reconstruct:
+        compensate(probe.backend, record, decision.masks, transposed=record.transposed)
+    probe.masks, probe.equivalent_threshold = decision.masks, decision.equivalent_threshold
+    return decision
+
+
+def _strategy_order(probe: GradProbe, record: ProbeRecord) -> StrategyOrder:
+    """The strategy's scores of the original weights (an earlier decision undone first)
+    and its selection rule, with the layer sparsities the probe used."""
+    probe.engine.ensure_prepared()
+    probe.engine.restore(record.layers)
+    context = selection_context(probe.backend, probe.model, probe.owners, {})
+    context.input_sq_norms = record.input_sq_norms or {}
+    context.layer_sparsity = record.layer_sparsity
+    strategy = probe.strategy
+    return StrategyOrder(strategy.scores(context),
+                         lambda scores, sparsity: strategy.select_lowest(context, scores, sparsity))
 
 
 def _report(probe: GradProbe, decision: Decision, target: float) -> None:
