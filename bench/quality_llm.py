@@ -76,10 +76,16 @@ def perplexity(model: nn.Module, batches: list) -> float:
         return evaluate(model, batches, LocalBackend("cpu"))["perplexity"]
 
 
-def gradprobe(model: nn.Module, batches: list, target: float, pattern: str | None, **options) -> GradProbe:
+def gradprobe(model: nn.Module, batches: list, target: float, pattern: str | None, args, **options) -> GradProbe:
     probe = GradProbe(model, WandaPruning(pattern=pattern))
-    probe.prune(batches, None, target, len(batches), **options)
+    probe.prune(batches, None, target, len(batches), reduction_factor=args.reduction_factor, **options)
     return probe
+
+
+def probe_label(args) -> str:
+    """How a GradProbe row was probed and decided, for its method name."""
+    return (f"veto {args.veto:g}, oversample {args.oversample:g}, r {args.reduction_factor:g}, "
+            + ("guard" if args.guard else "no guard"))
 
 
 def run_target(dense: nn.Module, target: str, args, calibration: methods.Calibration,
@@ -111,19 +117,19 @@ def run_target(dense: nn.Module, target: str, args, calibration: methods.Calibra
             record(target, label, *baseline(base, sparsity, pattern))
     if "target" in wanted:
         model, start = copy.deepcopy(dense), time.perf_counter()
-        probe = gradprobe(model, batches, sparsity, pattern, mode="target", oversample=args.oversample,
-                          veto_fraction=args.veto, guard=True)
-        record(target, f"GradProbe target (Wanda order, veto {args.veto:g}, guard)", model,
+        probe = gradprobe(model, batches, sparsity, pattern, args, mode="target", oversample=args.oversample,
+                          veto_fraction=args.veto, guard=args.guard)
+        record(target, f"GradProbe target (Wanda order, {probe_label(args)})", model,
                time.perf_counter() - start, guard=probe.guard_report)
     if "sparsegpt_veto" in wanted:
         model, start = copy.deepcopy(dense), time.perf_counter()
-        probe = gradprobe(model, batches, sparsity, pattern, mode="sparsegpt", oversample=args.oversample,
-                          veto_fraction=args.veto, guard=True)
-        record(target, f"GradProbe sparsegpt (veto {args.veto:g}, guard)", model, time.perf_counter() - start,
+        probe = gradprobe(model, batches, sparsity, pattern, args, mode="sparsegpt", oversample=args.oversample,
+                          veto_fraction=args.veto, guard=args.guard)
+        record(target, f"GradProbe sparsegpt ({probe_label(args)})", model, time.perf_counter() - start,
                guard=probe.guard_report)
     if "threshold" in wanted and pattern is None:
         model, start = copy.deepcopy(dense), time.perf_counter()
-        gradprobe(model, batches, sparsity, None, mode="threshold", gradient_threshold=0.0)
+        gradprobe(model, batches, sparsity, None, args, mode="threshold", gradient_threshold=0.0)
         reached = actual_sparsity(model, names)[0]
         group = f"{target} threshold"
         record(group, "GradProbe threshold 0 (Wanda)", model, time.perf_counter() - start)
@@ -173,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-context", type=int, default=256)
     parser.add_argument("--veto", type=float, default=0.1, help="share of each layer's candidates the probe vetoes")
     parser.add_argument("--oversample", type=float, default=1.5)
+    parser.add_argument("--reduction-factor", type=float, default=0.1, help="the probe's scale of its candidates")
+    parser.add_argument("--no-guard", dest="guard", action="store_false",
+                        help="keep the probe's vetoed masks even when their calibration loss is higher")
     parser.add_argument("--model-dir", type=Path, default=HERE / ".cache" / "smollm2-135m")
     parser.add_argument("--out", type=Path, help="default bench/results (bench/out/quality-llm-smoke with --smoke)")
     args = parser.parse_args(argv)

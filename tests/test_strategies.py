@@ -70,6 +70,17 @@ def test_lowest_per_row_counts_and_ties():
     assert mask.tolist() == [[False, True, False, True], [True, True, False, False]]
 
 
+def test_lowest_per_row_equals_a_stable_sort_with_ties_and_infinities():
+    torch.manual_seed(0)
+    scores = torch.randint(0, 5, (64, 33)).float()  # many ties per row
+    scores[::7, ::5] = float("inf")
+    for k in (1, 7, 16, 32, 33):
+        expected = torch.zeros_like(scores, dtype=torch.bool)
+        expected.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+        assert torch.equal(lowest_per_row(scores, k), expected), k
+    assert not lowest_per_row(scores, 0).any()
+
+
 def test_wanda_norms_and_selection_match_direct_computation():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))

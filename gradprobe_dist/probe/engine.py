@@ -99,7 +99,7 @@ class ProbeEngine:
         finally:
             self.restore(layers)
         for name, layer in layers.items():
-            layer.new = reduced.pop(name)[layer.tentative.to(self._stat_device(name))]
+            layer.new = reduced.pop(name).masked_select(layer.tentative.to(self._stat_device(name)))
         return layers
 
     def gradient_pass(self, batches: list, loss_of: LossOfBatch, label: str,
@@ -130,8 +130,8 @@ class ProbeEngine:
         with torch.no_grad():
             for name, mask in tentative.items():
                 w = self.backend.local_weight(name)
-                old = baseline.pop(name)[mask.to(self._stat_device(name))]
-                layers[name] = LayerProbe(tentative=mask, old=old, originals=w[mask])  # a copy
+                old = baseline.pop(name).masked_select(mask.to(self._stat_device(name)))
+                layers[name] = LayerProbe(tentative=mask, old=old, originals=w.masked_select(mask))  # a copy
                 # x * 1.0 is exact, so unselected weights keep their bits
                 w.mul_(torch.where(mask, reduction_factor, 1.0).to(w.dtype))
         self.backend.commit_weights(self.param_names)
@@ -141,8 +141,7 @@ class ProbeEngine:
         """Every tentative weight back to its saved original, bit-exactly."""
         with torch.no_grad():
             for name, layer in layers.items():
-                w = self.backend.local_weight(name)
-                w[layer.tentative] = layer.originals
+                self.backend.local_weight(name).masked_scatter_(layer.tentative, layer.originals)
         self.backend.commit_weights(self.param_names)
 
     def apply_masks(self, layers: dict[str, LayerProbe], masks: dict[str, torch.Tensor]) -> None:
@@ -151,7 +150,7 @@ class ProbeEngine:
         with torch.no_grad():
             for name, layer in layers.items():
                 w = self.backend.local_weight(name)
-                w[layer.tentative] = layer.decided_values(masks[name]).to(w.device)
+                w.masked_scatter_(layer.tentative, layer.decided_values(masks[name]).to(w.device))
         self.backend.commit_weights(self.param_names)
 
     def weights_copy(self, names) -> dict[str, torch.Tensor]:

@@ -30,7 +30,8 @@ class LayerProbe:
     """One weight's probe record; every tensor is this rank's local part.
 
     ``old``/``new``/``originals`` hold only the tentatively selected positions, in the
-    row-major order of ``tentative`` (what ``weight[tentative]`` returns).
+    row-major order of ``tentative`` (what ``weight.masked_select(tentative)`` returns;
+    masked_select/masked_scatter_ are about 2x faster than bool indexing on CPU).
     """
 
     tentative: torch.Tensor
@@ -47,13 +48,11 @@ class LayerProbe:
 
     def expand(self, selected: torch.Tensor) -> torch.Tensor:
         """A full local mask from one flag per tentative position."""
-        mask = torch.zeros_like(self.tentative)
-        mask[self.tentative] = selected.to(mask.device)
-        return mask
+        return torch.zeros_like(self.tentative).masked_scatter_(self.tentative, selected.to(self.tentative.device))
 
     def decided_values(self, pruned: torch.Tensor) -> torch.Tensor:
         """Values for the tentative positions: 0 where ``pruned``, the exact original elsewhere."""
-        prune = pruned[self.tentative].to(self.originals.device)
+        prune = pruned.masked_select(self.tentative).to(self.originals.device)
         return torch.where(prune, torch.zeros_like(self.originals), self.originals)
 
 
