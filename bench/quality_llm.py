@@ -13,6 +13,11 @@ configs' settings, here in one shot over all layers, not in stages), and GradPro
 again at its actual sparsity. Every row of a group has the same actual sparsity (asserted).
 
     python -m bench.quality_llm [--smoke] [--targets 0.5 2:4] [--seeds 0] [--out bench/results]
+    python -m bench.quality_llm --merge RUN_DIR [RUN_DIR ...] [--out bench/results]
+
+``--merge`` joins the reports of several runs (targets, seeds or methods run as separate
+processes) into one: every row, a summary table of mean ± std over seeds per target and
+method, and the plot ``quality_llm.png``.
 
 ``--smoke`` runs a tiny random LLaMA on byte ids (seconds; what the tests run).
 """
@@ -23,6 +28,7 @@ import copy
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +42,7 @@ import torch.nn as nn  # noqa: E402
 from bench.lib import methods  # noqa: E402
 from bench.lib.compare import actual_sparsity, follows_pattern, sparsity_gap  # noqa: E402
 from bench.lib.corpus import consecutive_windows, lm_batches, random_windows  # noqa: E402
-from bench.lib.report import markdown_table, run_meta, write_report  # noqa: E402
+from bench.lib.report import markdown_table, run_meta, spread, write_report  # noqa: E402
 from gradprobe_dist.data.shards import bundled_text_path  # noqa: E402
 from gradprobe_dist.parallel.local import LocalBackend  # noqa: E402
 from gradprobe_dist.pipeline.evaluate import evaluate  # noqa: E402
@@ -165,6 +171,69 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> list[dict]:
+    """Mean ± std of perplexity over seeds, per group and method (the order first seen)."""
+    keys = dict.fromkeys((r["group"], r["method"]) for r in rows)
+    out = []
+    for group, method in keys:
+        same = [r for r in rows if (r["group"], r["method"]) == (group, method)]
+        out.append({"group": group, "method": method, "seeds": len(same),
+                    "sparsity": statistics.fmean(r["sparsity"] for r in same),
+                    **{f"perplexity_{k}": v for k, v in spread([r["perplexity"] for r in same]).items()}})
+    return out
+
+
+def merge(directories: list[Path], out: Path) -> dict:
+    """One report from several runs' ``quality_llm.json`` (same model and evaluation)."""
+    reports = [json.loads(min(d.glob("quality_llm*.json")).read_text()) for d in directories]
+    denses = {round(r["dense"], 6) for r in reports}
+    if len(denses) != 1:
+        raise SystemExit(f"the runs were evaluated differently (dense perplexities {sorted(denses)}): "
+                         "merge only runs of one model and evaluation setting")
+    rows = [row for r in reports for row in r["rows"]]
+    report = {"meta": run_meta(False, merged=[str(d) for d in directories], runs=[r["meta"] for r in reports]),
+              "dense": reports[0]["dense"], "rows": rows, "summary": summary(rows)}
+    write_report(out, "quality_llm", report, markdown_summary(report) + "\n\n" + markdown(
+        {**report, "meta": reports[0]["meta"]}))
+    plot(report, out / "quality_llm.png")
+    return report
+
+
+def markdown_summary(report: dict) -> str:
+    return "# Summary: perplexity, mean ± std over calibration seeds\n\n" + markdown_table(
+        [{**r, "ppl": f"{r['perplexity_mean']:.2f} ± {r['perplexity_std']:.2f}"} for r in report["summary"]],
+        [("group", "target", "s"), ("method", "method", "s"), ("seeds", "seeds", "d"),
+         ("sparsity", "actual sparsity", ".4f"), ("ppl", "perplexity", "s")])
+
+
+def plot(report: dict, path: Path) -> None:
+    """Perplexity (log) per method at each unstructured target, and at N:M, dense dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["summary"] if " " not in r["group"]]  # threshold groups aside
+    targets = sorted({r["group"] for r in rows}, key=lambda g: (":" in g, g))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        at = {r["group"]: r for r in rows if r["method"] == method}
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j, t in enumerate(targets) if t in at]
+        ax.bar(xs, [at[t]["perplexity_mean"] for t in targets if t in at], width=width, label=method,
+               yerr=[at[t]["perplexity_std"] for t in targets if t in at], capsize=2)
+    ax.axhline(report["dense"], color="k", linestyle=":", linewidth=1, label="dense")
+    ax.set_xticks(range(len(targets)), targets)
+    ax.set(yscale="log", xlabel="target (= actual sparsity of every bar of a group)",
+           ylabel="perplexity (lower is better)", title="SmolLM2-135M: every method at the same sparsity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a tiny random LLaMA on byte ids (seconds)")
@@ -184,7 +253,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="keep the probe's vetoed masks even when their calibration loss is higher")
     parser.add_argument("--model-dir", type=Path, default=HERE / ".cache" / "smollm2-135m")
     parser.add_argument("--out", type=Path, help="default bench/results (bench/out/quality-llm-smoke with --smoke)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="RUN_DIR", help="join these runs' reports")
     args = parser.parse_args(argv)
+    if args.merge:
+        report = merge(args.merge, args.out or HERE / "results")
+        print(markdown_summary(report))
+        return report
     if args.smoke:
         args.batches, args.micro_batch, args.context, args.eval_windows, args.eval_context = 2, 2, 16, 4, 32
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -25,3 +25,16 @@ def test_target_mode_without_veto_is_wanda(tmp_path):
     for group in ("0.5", "2:4"):
         wanda, target = [r["perplexity"] for r in rows if r["group"] == group]
         assert wanda == target
+
+
+def test_merge_joins_seeds_into_mean_and_std(tmp_path):
+    for seed in (0, 1):
+        quality_llm.main(["--smoke", "--out", str(tmp_path / f"s{seed}"), "--targets", "0.5",
+                          "--methods", "magnitude", "wanda", "--seeds", str(seed)])
+    report = quality_llm.main(["--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "all")])
+    assert len(report["rows"]) == 4
+    wanda = [r["perplexity"] for r in report["rows"] if r["method"] == "Wanda"]
+    row = next(r for r in report["summary"] if r["method"] == "Wanda")
+    assert row["seeds"] == 2 and abs(row["perplexity_mean"] - sum(wanda) / 2) < 1e-9
+    assert row["perplexity_std"] > 0  # two calibration seeds give two Wanda masks
+    assert (tmp_path / "all" / "quality_llm.png").stat().st_size > 0
