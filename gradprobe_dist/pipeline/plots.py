@@ -43,8 +43,7 @@ def ratio_tensors(record: ProbeRecord) -> dict[str, torch.Tensor]:
     for name, layer in record.layers.items():
         ratio = layer.ratio()
         full = torch.full(layer.tentative.shape, float("nan"), device=ratio.device)
-        full[layer.tentative.to(ratio.device)] = ratio
-        ratios[name] = full
+        ratios[name] = full.masked_scatter_(layer.tentative.to(ratio.device), ratio)
     return ratios
 
 

@@ -140,7 +140,7 @@ def decided_ratios(record: ProbeRecord, before: dict[str, torch.Tensor]) -> dict
 
 
 def without_nan(ratio: torch.Tensor) -> torch.Tensor:
-    return ratio[~ratio.isnan()]  # the ratios of the decided weights, as saved
+    return ratio.masked_select(~ratio.isnan())  # the ratios of the decided weights, as saved
 
 
 def tentative_fraction(values: list[float], number: int, oversample: float) -> float:
