@@ -19,7 +19,7 @@ gp fetch-model smollm2-135m --out $RUN/model
 echo "== GradProbe: SparseGPT with the probe's veto and the guard, 2 ranks, FSDP2"
 bash launch/torchrun.sh prune --config "$CONFIG" --eval output_dir=$RUN/masks "$@" | tee $RUN/gradprobe.log
 SPARSITY=$(gp inspect $RUN/masks --json | python -c "import json,sys,math; r=json.load(sys.stdin); print(sum(x['pruned'] for x in r)/sum(math.prod(x['shape']) for x in r))")
-echo "== Wanda alone at the same actual sparsity ($SPARSITY): target mode in Wanda's order, no veto"
+echo "== Wanda alone at the same actual sparsity ($SPARSITY): target mode in Wanda's order, no veto, so no gradient pass"
 bash launch/torchrun.sh prune --config "$CONFIG" --quiet prune.mode=target prune.veto=none \
   prune.guard=false prune.sparsity="$SPARSITY" output_dir=$RUN/wanda
 bash launch/torchrun.sh eval --config "$CONFIG" --masks $RUN/wanda | tee $RUN/wanda.log

@@ -123,8 +123,9 @@ class PruneConfig:
     #: target and sparsegpt modes, which candidates the probe vetoes (ranked after every
     #: other candidate in the strategy's / SparseGPT's order): threshold (gradient ratio
     #: above 1 + gradient_threshold), fraction (veto_fraction of each layer's highest ratios),
-    #: or none (target: the strategy's own masks; sparsegpt: plain SparseGPT, no probe, one
-    #: forward pass per stage, the strategy only supplies its N:M pattern)
+    #: or none (target: the strategy's own masks, no probe, at most one forward pass per stage;
+    #: sparsegpt: plain SparseGPT, no probe, one forward pass per stage, the strategy only
+    #: supplies its N:M pattern)
     veto: Literal["threshold", "fraction", "none"] = "threshold"
     veto_fraction: float = 0.1
     #: target/sparsegpt mode: per stage, also decide without the veto and keep the masks with

@@ -4,6 +4,10 @@ earlier stage's masks are already applied, each decided layer saved to the check
 A stage is the unit of recovery. On resume, fully checkpointed stages are applied and
 skipped; a stage that was cut short is probed again whole (identical inputs give identical
 masks) and only its missing layers are written.
+
+Where no veto would read the probe's measurement, a stage is not probed: plain SparseGPT
+(``prune.mode=sparsegpt``, ``veto=none``) runs one forward pass, and the strategy alone
+(``mode=target``, ``veto=none``, see ``strategy_alone``) at most one, with no backward.
 """
 from __future__ import annotations
 
@@ -22,8 +26,12 @@ from gradprobe_dist.pipeline.rounds import (Round, decided_ratios, layer_counts,
 from gradprobe_dist.probe.batches import is_lm_batch
 from gradprobe_dist.probe.gradprobe import GradProbe
 from gradprobe_dist.probe.prefix import block_list
+from gradprobe_dist.parallel.base import Backend
+from gradprobe_dist.pipeline.config import PruneConfig
 from gradprobe_dist.reconstruct.pruner import SparseGPT
 from gradprobe_dist.runtime.log import get_logger
+from gradprobe_dist.strategies.allocation import Allocation
+from gradprobe_dist.strategies.base import PruningStrategy, ScoredStrategy
 
 log = get_logger(__name__)
 
@@ -98,15 +106,20 @@ class StageLoop:
 
     def run_stage(self, index: int, stage: list[str], store: RankZeroCheckpoint, done: set[str],
                   round_: Round) -> list[str]:
-        """Probe one stage, then gather and save each of its layers not yet checkpointed."""
+        """Decide one stage (probe it, or SparseGPT or the strategy alone where no veto reads a
+        probe), then gather and save each of its layers not yet checkpointed."""
         job, cfg, backend = self.job, self.job.cfg.prune, self.job.backend
+        plain_sparsegpt = cfg.mode == "sparsegpt" and cfg.veto == "none"
+        alone = strategy_alone(cfg, self.strategy, round_)
         if job.show_progress:
-            log.info("%sstage %d/%d: probing %d layers (%s ... %s)", round_.label, index + 1,
-                     len(job.stages), len(stage), stage[0], stage[-1])
+            log.info("%sstage %d/%d: %s %d layers (%s ... %s)", round_.label, index + 1, len(job.stages),
+                     "pruning" if plain_sparsegpt or alone else "probing", len(stage), stage[0], stage[-1])
         stage_start = time.perf_counter()
         before = job.read_local_masks(round_.previous, stage) if round_.previous is not None else {}
-        if cfg.mode == "sparsegpt" and cfg.veto == "none":
+        if plain_sparsegpt:
             masks, counts, ratios = self.plain_sparsegpt(stage)
+        elif alone:
+            masks, counts, ratios = self.strategy_stage(stage)
         else:
             masks, counts, ratios = self.probe_stage(stage, before, round_)
         # weights the method moved beyond the zeros: the checkpoint keeps them for export
@@ -137,14 +150,10 @@ class StageLoop:
                     ) -> tuple[dict, dict, dict]:
         """GradProbe on one stage: its local masks, per-layer counts and gradient ratios."""
         job, cfg, backend = self.job, self.job.cfg.prune, self.job.backend
-        probe = GradProbe(job.model, self.strategy, backend=backend, statistic=cfg.statistic,
-                          stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=stage,
-                          extra_prunable=stage, cache_prefix=cfg.cache_prefix,
-                          prefix_cache_device=cfg.prefix_cache_device)
+        probe = self.gradprobe(stage)
         record = probe.probe(job.calibration, loss_fn_for(job.calibration), round_.sparsity,
                              cfg.num_batches, cfg.reduction_factor, verbose=not self.bar.disable,
-                             oversample=round_.oversample,
-                             allocation=cfg.allocation if cfg.allocation.kind != "uniform" else None,
+                             oversample=round_.oversample, allocation=_allocation(cfg),
                              hessians=cfg.reconstruct or cfg.mode == "sparsegpt")
         before = before or {n: torch.zeros_like(layer.tentative) for n, layer in record.layers.items()}
         if round_.count == 1:
@@ -166,18 +175,54 @@ class StageLoop:
         ratios = decided_ratios(record, before) if cfg.save_ratios else {}
         return masks, counts, ratios
 
+    def strategy_stage(self, stage: list[str]) -> tuple[dict, dict, dict]:
+        """The strategy alone on one stage (``strategy_alone``): the probe path's masks and
+        weights without its gradient passes (``GradProbe.prune_by_strategy``)."""
+        job, cfg = self.job, self.job.cfg.prune
+        masks = self.gradprobe(stage).prune_by_strategy(
+            job.calibration, loss_fn_for(job.calibration), cfg.sparsity, cfg.num_batches,
+            verbose=not self.bar.disable, allocation=_allocation(cfg), reconstruct=cfg.reconstruct)
+        return masks, unprobed_counts(job.backend, stage, masks), {}
+
     def plain_sparsegpt(self, stage: list[str]) -> tuple[dict, dict, dict]:
         """SparseGPT without a probe on one stage (earlier stages already pruned): its local
-        masks and per-layer counts (every pruned weight counts as a candidate it kept none of)."""
+        masks and per-layer counts."""
         job, cfg = self.job, self.job.cfg.prune
         nm = getattr(self.strategy, "nm", None)
         pruner = SparseGPT(job.model, backend=job.backend, pattern=f"{nm[0]}:{nm[1]}" if nm else None,
                            include=stage, extra_prunable=stage)
         masks = pruner.prune(job.calibration, cfg.sparsity, cfg.num_batches, loss_fn=loss_fn_for(job.calibration))
-        pruned = job.backend.sum_over_shards(torch.tensor([float(masks[n].sum()) for n in stage],
-                                                          dtype=torch.float64)).long().tolist()
-        counts = {n: {"candidates": p, "newly_pruned": p, "carried": 0} for n, p in zip(stage, pruned)}
-        return masks, counts, {}
+        return masks, unprobed_counts(job.backend, stage, masks), {}
+
+    def gradprobe(self, stage: list[str]) -> GradProbe:
+        """The probe of one stage, as configured."""
+        cfg = self.job.cfg.prune
+        return GradProbe(self.job.model, self.strategy, backend=self.job.backend, statistic=cfg.statistic,
+                         stat_dtype=STAT_DTYPES[cfg.stat_dtype], include=stage, extra_prunable=stage,
+                         cache_prefix=cfg.cache_prefix, prefix_cache_device=cfg.prefix_cache_device)
+
+
+def strategy_alone(cfg: PruneConfig, strategy: PruningStrategy, round_: Round) -> bool:
+    """Target mode with no veto is the strategy's own order unvetoed, so its masks are the
+    strategy's own: selected without the probe's passes, whose measurement nothing would
+    read. Not so for a gradient allocation (the probe's ratios set the layer sparsities),
+    rounds (they rank the alive candidates by ratio) or a strategy without scores (ratio
+    fallback)."""
+    return (cfg.mode == "target" and cfg.veto == "none" and round_.count == 1
+            and cfg.allocation.kind != "gradient" and isinstance(strategy, ScoredStrategy))
+
+
+def unprobed_counts(backend: Backend, stage: list[str], masks: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
+    """Per-layer counts of a stage decided without a probe: every pruned weight counts as a
+    candidate it kept none of (nothing carried, nothing restored)."""
+    pruned = backend.sum_over_shards(torch.tensor([float(masks[n].sum()) for n in stage],
+                                                  dtype=torch.float64)).long().tolist()
+    return {n: {"candidates": p, "newly_pruned": p, "carried": 0} for n, p in zip(stage, pruned)}
+
+
+def _allocation(cfg: PruneConfig) -> Allocation | None:
+    """The configured allocation, None when uniform."""
+    return cfg.allocation if cfg.allocation.kind != "uniform" else None
 
 
 def _check_agrees(ckpt, name: str, full: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""The two gradient passes and the weight edits around them.
+"""The two gradient passes and the weight edits around them (and a forward-only pass for a
+strategy that selects without them).
 
 The baseline pass folds every prunable weight's (rank-averaged) gradient into a statistic
 over the calibration batches; the tentatively selected weights are then scaled down
@@ -81,9 +82,28 @@ class ProbeEngine:
                  norms_of: dict[str, nn.Module], hessians_of: dict[str, nn.Module] | None) -> Baseline:
         """The first pass; forward hooks on ``norms_of``/``hessians_of`` collect input norms and
         Hessians on the way (no extra pass). ``hessians_of=None``: no Hessians."""
-        with collect_input_sq_norms(norms_of) as norms, \
-                collect_input_hessians(hessians_of or {}) as local, self.prefix.recording():
-            stats = self.gradient_pass(batches, loss_of, "baseline", verbose)
+        with self.prefix.recording():
+            return self._measured(lambda: self.gradient_pass(batches, loss_of, "baseline", verbose),
+                                  norms_of, hessians_of)
+
+    def forward_pass(self, batches: list, loss_of: LossOfBatch, verbose: bool, *,
+                     norms_of: dict[str, nn.Module], hessians_of: dict[str, nn.Module] | None) -> Baseline:
+        """``baseline`` without the backward (its ``stats`` empty): what a strategy selecting
+        without the probe needs (Wanda's input norms; Hessians to reconstruct)."""
+        def forward_only() -> dict[str, torch.Tensor]:
+            bar = tqdm(batches, desc="forward pass", disable=not (verbose and self.backend.is_main), leave=False)
+            with torch.no_grad():
+                loss_finite = [torch.isfinite(loss_of(self.module, to_device(batch, self.backend.device)))
+                               for batch in bar]
+            self._check_pass_finite({}, loss_finite, batches, loss_of, "forward")
+            return {}
+        return self._measured(forward_only, norms_of, hessians_of)
+
+    def _measured(self, run_pass, norms_of: dict[str, nn.Module],
+                  hessians_of: dict[str, nn.Module] | None) -> Baseline:
+        """``run_pass()`` (-> the statistics) with the input hooks of ``baseline`` around it."""
+        with collect_input_sq_norms(norms_of) as norms, collect_input_hessians(hessians_of or {}) as local:
+            stats = run_pass()
         hessians = average_over_ranks(local, self.backend) if hessians_of is not None else None
         return Baseline(stats, norms, hessians)
 
@@ -153,6 +173,14 @@ class ProbeEngine:
                 w.masked_scatter_(layer.tentative, layer.decided_values(masks[name]).to(w.device))
         self.backend.commit_weights(self.param_names)
 
+    def zero(self, masks: dict[str, torch.Tensor]) -> None:
+        """Zero ``masks`` in the weights (a decision taken without the passes: nothing saved)."""
+        with torch.no_grad():
+            for name, mask in masks.items():
+                w = self.backend.local_weight(name)
+                w.masked_fill_(mask.to(w.device), 0)
+        self.backend.commit_weights(self.param_names)
+
     def weights_copy(self, names) -> dict[str, torch.Tensor]:
         """This rank's local parts of the weights ``names`` (copies)."""
         return {n: self.backend.local_weight(n).detach().clone() for n in names}
@@ -198,12 +226,12 @@ class ProbeEngine:
         full extra read per step."""
         losses_ok = torch.stack(loss_finite).cpu()
         first_bad_loss = int((~losses_ok).nonzero()[0]) if not bool(losses_ok.all()) else len(batches)
-        stats_ok = bool(torch.stack([torch.isfinite(a).all() for a in acc.values()]).all())
+        stats_ok = bool(torch.stack([torch.isfinite(a).all() for a in acc.values()]).all()) if acc else True
         flag = torch.tensor([first_bad_loss, int(stats_ok)], dtype=torch.int64, device=self.backend.device)
         first_bad_loss, stats_ok = self.backend.all_reduce(flag, "min").tolist()
         if first_bad_loss == len(batches) and stats_ok:
             return
-        self._raise_if_weight_not_finite()
+        self.check_weights_finite()
         for index, batch in enumerate(batches):
             self.prefix.select(index)
             loss = loss_of(self.module, to_device(batch, self.backend.device))
@@ -221,7 +249,7 @@ class ProbeEngine:
             f"the gradient statistic of the {label} pass overflowed in {self.stat_dtype} although "
             "every gradient is finite when replayed: use stat_dtype=torch.float32")
 
-    def _raise_if_weight_not_finite(self) -> None:
+    def check_weights_finite(self) -> None:
         """A NaN/inf already in the weights poisons every batch: name that parameter (the
         first in model order on any rank) rather than blame the data."""
         names = [n for n, _ in self.model.named_parameters()]

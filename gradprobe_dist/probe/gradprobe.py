@@ -25,19 +25,19 @@ from gradprobe_dist.parallel.local import LocalBackend
 from gradprobe_dist.probe import stats as statistics
 from gradprobe_dist.probe.batches import LossOfBatch, make_loss_of_batch, take_batches
 from gradprobe_dist.probe.decision import Decision, counted, decide
-from gradprobe_dist.probe.engine import ProbeEngine
+from gradprobe_dist.probe.engine import Baseline, ProbeEngine
 from gradprobe_dist.probe.guard import guarded
 from gradprobe_dist.probe.params import find_prunable
 from gradprobe_dist.probe.prefix import FrozenPrefix
 from gradprobe_dist.probe.record import ProbeRecord
 from gradprobe_dist.probe.target import StrategyOrder
-from gradprobe_dist.probe.tentative import (allocate_layers, check_allocation, check_pattern,
-                                            checked_masks, nm_pattern, selection_context)
+from gradprobe_dist.probe.tentative import (allocate_layers, check_allocation, check_pattern, nm_pattern,
+                                            select_tentative, selection_context)
 from gradprobe_dist.probe.validation import check_mode, check_prune_args, check_threshold
 from gradprobe_dist.probe.veto import check_fraction, probe_vetoes, sparsegpt_with_veto
-from gradprobe_dist.reconstruct.apply import compensate
+from gradprobe_dist.reconstruct.apply import compensate, reconstruct_from
 from gradprobe_dist.runtime.log import get_logger
-from gradprobe_dist.strategies.allocation import Allocation, owl_scores, redundancy_scores
+from gradprobe_dist.strategies.allocation import Allocation, redundancy_scores
 from gradprobe_dist.strategies.base import PruningStrategy, ScoredStrategy
 
 log = get_logger(__name__)
@@ -147,6 +147,19 @@ class GradProbe:
             _report(self, decision, sparsity)
         return self.masks
 
+    def prune_by_strategy(self, dataloader: Iterable, loss_fn: Callable | None = None, sparsity: float = 0.5,
+                          num_batches: int = 10, verbose: bool = False, *,
+                          compute_loss: LossOfBatch | None = None, allocation: Allocation | None = None,
+                          reconstruct: bool = False) -> dict[str, torch.Tensor]:
+        """Prune in place with the strategy alone, exactly ``sparsity`` by its own rule: for a
+        ``ScoredStrategy`` the masks (and weights) of ``prune(mode="target", veto_fraction=0)``,
+        without its two gradient passes, whose measurement no veto would read. No backward:
+        one forward pass over the batches when the strategy (Wanda), an ``owl`` allocation or
+        ``reconstruct`` needs the calibration inputs, none otherwise (magnitude, random).
+        A ``gradient`` allocation is the probe's measurement: use ``prune`` for it."""
+        return _by_strategy(self, dataloader, make_loss_of_batch(loss_fn, compute_loss), sparsity,
+                            num_batches, verbose, allocation, reconstruct)
+
     def decide(self, record: ProbeRecord, sparsity: float, *, mode: str = "threshold",
                gradient_threshold: float = 0.0, target_scope: str = "layer",
                reconstruct: bool = False, veto_fraction: float | None = None,
@@ -230,10 +243,7 @@ class GradProbe:
             params = dict(self.model.named_parameters())
             self._mask_hooks = keep_pruned(params, self.owners, self.masks)
         else:
-            with torch.no_grad():
-                for name, mask in self.masks.items():
-                    self.backend.local_weight(name).masked_fill_(mask, 0)
-            self.backend.commit_weights(self.param_names)
+            self.engine.zero(self.masks)
 
     def remove_mask_hooks(self) -> None:
         if self._mask_hooks is not None:
@@ -266,16 +276,9 @@ class GradProbe:
             baseline = engine.baseline(
                 batches, loss_of, verbose, norms_of=self.owners if self.strategy.needs_activations or owl else {},
                 hessians_of=self.owners if hessians else None)
-            context = selection_context(self.backend, self.model, self.owners, baseline.input_sq_norms)
-            layer_sparsity = None
-            if owl:
-                layer_sparsity = allocate_layers(allocation, sparsity, owl_scores(
-                    context.weights, context.slices, context.input_sq_norms, allocation.outlier_factor,
-                    self.backend, context.transposed), self.backend)
-            context.layer_sparsity = {n: min(1.0, s * oversample) for n, s in
-                                      (layer_sparsity or dict.fromkeys(self.param_names, sparsity)).items()}
-            tentative = checked_masks(self.strategy, self.strategy.select(context, min(1.0, sparsity * oversample)),
-                                      self.model, self.backend, self.param_names)
+            tentative, context, layer_sparsity = select_tentative(
+                self.strategy, self.backend, self.model, self.owners, baseline.input_sq_norms, sparsity,
+                oversample, allocation)
             layers = engine.reduced(batches, loss_of, tentative, baseline.stats, reduction_factor, verbose)
         record = ProbeRecord(layers, context.slices, baseline.hessians, layer_sparsity,
                              nm_pattern(self.strategy), context.transposed, context.input_sq_norms)
@@ -346,6 +349,40 @@ def _decide(probe: GradProbe, record: ProbeRecord, sparsity: float, *, mode: str
         compensate(probe.backend, record, decision.masks, transposed=record.transposed)
     probe.masks, probe.equivalent_threshold = decision.masks, decision.equivalent_threshold
     return decision
+
+
+def _by_strategy(probe: GradProbe, dataloader: Iterable, loss_of: LossOfBatch, sparsity: float,
+                 num_batches: int, verbose: bool, allocation: Allocation | None,
+                 reconstruct: bool) -> dict[str, torch.Tensor]:
+    """``prune_by_strategy``'s work: the selection at ``oversample=1`` is the decision."""
+    check_prune_args(sparsity, num_batches, 0.1, 0.0)
+    check_pattern(probe.strategy, sparsity)
+    check_allocation(allocation, "target", "layer", probe.strategy)
+    if allocation is not None and allocation.kind == "gradient":
+        raise ValueError("allocation kind 'gradient' spreads the sparsity by the probe's gradient "
+                         "ratios: use prune(..., mode='target', veto_fraction=0.0, allocation=...)")
+    owl = allocation is not None and allocation.kind == "owl"
+    norms_of = probe.owners if probe.strategy.needs_activations or owl else {}
+    with probe.engine.session() as engine:
+        if norms_of or reconstruct:
+            measured = engine.forward_pass(take_batches(dataloader, num_batches), loss_of, verbose,
+                                           norms_of=norms_of, hessians_of=probe.owners if reconstruct else None)
+        else:  # nothing to measure: still refuse NaN/inf weights, as the passes would
+            engine.check_weights_finite()
+            measured = Baseline({}, {}, None)
+        masks, context, probe.layer_sparsity = select_tentative(
+            probe.strategy, probe.backend, probe.model, probe.owners, measured.input_sq_norms, sparsity,
+            1.0, allocation)
+    if reconstruct:
+        reconstruct_from(probe.backend, measured.hessians, masks,
+                         lambda name: probe.backend.local_weight(name).clone(), transposed=context.transposed)
+    probe.engine.zero(masks)
+    probe.masks, probe.equivalent_threshold = masks, None
+    sparsity_reached = probe.get_sparsity() if verbose else None  # a collective: every rank calls it
+    if verbose and probe.backend.is_main:
+        log.info("%s alone, no probe: sparsity %.2f%% (target %.2f%%)", probe.strategy.get_name(),
+                 100 * sparsity_reached, 100 * sparsity)
+    return masks
 
 
 def _strategy_order(probe: GradProbe, record: ProbeRecord) -> StrategyOrder:

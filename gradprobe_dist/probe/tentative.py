@@ -8,7 +8,7 @@ import torch.nn as nn
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.probe.record import ProbeRecord
 from gradprobe_dist.runtime.log import get_logger
-from gradprobe_dist.strategies.allocation import Allocation, allocate
+from gradprobe_dist.strategies.allocation import Allocation, allocate, owl_scores
 from gradprobe_dist.strategies.base import PruningStrategy, SelectionContext, transposed_names
 
 log = get_logger(__name__)
@@ -30,6 +30,27 @@ def selection_context(backend: Backend, model: nn.Module, owners: dict[str, nn.M
         weights={n: backend.local_weight(n) for n in names},
         slices={n: backend.local_slice(n) for n in names},
         backend=backend, input_sq_norms=norms, model=model, transposed=transposed_names(owners))
+
+
+def select_tentative(strategy: PruningStrategy, backend: Backend, model: nn.Module,
+                     owners: dict[str, nn.Module], norms: dict[str, torch.Tensor], sparsity: float,
+                     oversample: float, allocation: Allocation | None
+                     ) -> tuple[dict[str, torch.Tensor], SelectionContext, dict[str, float] | None]:
+    """The strategy's checked masks of ``oversample`` x ``sparsity`` of each layer (capped at 1),
+    ``sparsity`` first spread over layers by an ``owl`` allocation from this rank's input
+    ``norms``; also the context and the allocated sparsities (None: uniform). With
+    ``oversample=1`` they are the strategy's own masks, what target mode decides unvetoed."""
+    context = selection_context(backend, model, owners, norms)
+    layer_sparsity = None
+    if allocation is not None and allocation.kind == "owl":
+        layer_sparsity = allocate_layers(allocation, sparsity, owl_scores(
+            context.weights, context.slices, context.input_sq_norms, allocation.outlier_factor,
+            backend, context.transposed), backend)
+    context.layer_sparsity = {n: min(1.0, s * oversample) for n, s in
+                              (layer_sparsity or dict.fromkeys(owners, sparsity)).items()}
+    masks = checked_masks(strategy, strategy.select(context, min(1.0, sparsity * oversample)),
+                          model, backend, list(owners))
+    return masks, context, layer_sparsity
 
 
 def checked_masks(strategy: PruningStrategy, masks, model: nn.Module, backend: Backend,

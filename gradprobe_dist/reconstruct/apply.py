@@ -3,7 +3,8 @@
 Once a layer's mask is decided, SparseGPT's Optimal-Brain-Surgeon update with the mask held
 fixed (``reconstruct.reconstruct_with_mask``) moves the kept weights to reduce the layer's
 output error on the calibration inputs. It needs ``H = 2 X X^T`` of each layer's inputs,
-collected by forward hooks during the baseline pass (no extra pass) and averaged over ranks.
+collected by forward hooks during the baseline pass (no extra pass), or the forward-only pass
+of a strategy selecting alone, and averaged over ranks.
 Where each layer is computed (in place on whole rows, or gathered one layer at a time on the
 main rank) is ``layers.py``'s business.
 """
@@ -63,19 +64,30 @@ def compensate(backend: Backend, record: ProbeRecord, masks: dict[str, torch.Ten
     """Prune ``masks`` from the dense weights (the probe's saved originals put back) with the
     OBS update of every layer that has a Hessian; returns the names updated. ``transposed``:
     weights stored ``[in, out]`` (GPT-2's ``Conv1D``)."""
+    def dense(name: str) -> torch.Tensor:
+        weight = backend.local_weight(name).clone()
+        layer = record.layers[name]
+        weight[layer.tentative] = layer.originals.to(weight.device)
+        return weight
+
+    return reconstruct_from(backend, record.hessians or {}, masks, dense, blocksize, percdamp, transposed)
+
+
+def reconstruct_from(backend: Backend, hessians: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                     dense_of, blocksize: int = 128, percdamp: float = 0.01,
+                     transposed: frozenset[str] = frozenset()) -> list[str]:
+    """``compensate`` from ``dense_of(name)``, each layer's dense local weight (a copy), for
+    every layer in ``hessians``: the pruned weights come back zero, the kept ones updated."""
     updated = []
-    hessians = record.hessians or {}
     for name in sorted(hessians):
         weight = backend.local_weight(name)
-        layer = record.layers[name]
         flip = name in transposed
 
         def update(w, mask, name=name):
             return [reconstruct_with_mask(w, hessians[name], mask, blocksize, percdamp)]
 
         with torch.no_grad():
-            dense = weight.clone()
-            dense[layer.tentative] = layer.originals.to(dense.device)
+            dense = dense_of(name)
             if works_in_place(backend.local_slice(name), flip):
                 (new,) = update(as_rows(dense, flip), as_rows(masks[name], flip))
                 new = as_rows(new, flip)
