@@ -90,6 +90,18 @@ def test_prune_by_strategy_refuses_the_gradient_allocation():
                                                                   allocation=Allocation("gradient"))
 
 
+@pytest.mark.parametrize("cls", [STRATEGIES[0][0], STRATEGIES[3][0]])
+def test_a_nan_weight_is_named_and_nothing_is_pruned(cls):
+    model = _model()
+    with torch.no_grad():
+        model.layers[1].weight[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(FloatingPointError, match="parameter 'layers.1.weight' holds NaN/inf"):
+        GradProbe(model, cls()).prune_by_strategy(_data(), LOSS, 0.5, 4)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.nan_to_num(7.0), before[name].nan_to_num(7.0)), name  # nothing zeroed
+
+
 # -- the pipeline, one process -------------------------------------------------------------------
 PIPELINE_CASES = {
     "wanda": {"strategy": "wanda"},

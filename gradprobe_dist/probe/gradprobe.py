@@ -355,7 +355,7 @@ def _by_strategy(probe: GradProbe, dataloader: Iterable, loss_of: LossOfBatch, s
                  num_batches: int, verbose: bool, allocation: Allocation | None,
                  reconstruct: bool) -> dict[str, torch.Tensor]:
     """``prune_by_strategy``'s work: the selection at ``oversample=1`` is the decision."""
-    check_prune_args(sparsity, num_batches, 0.1, 0.0)
+    check_prune_args(sparsity, num_batches, 0.1, 0.0)  # no reduction or threshold: valid stand-ins
     check_pattern(probe.strategy, sparsity)
     check_allocation(allocation, "target", "layer", probe.strategy)
     if allocation is not None and allocation.kind == "gradient":
