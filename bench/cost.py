@@ -33,7 +33,8 @@ import torch.nn as nn  # noqa: E402
 
 from bench.lib import subjects  # noqa: E402
 from bench.lib.cost_tables import flatten_for_tables, to_markdown  # noqa: E402
-from bench.lib.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss, return_freed_memory  # noqa: E402
+from bench.lib.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss  # noqa: E402
+from gradprobe_dist.runtime.memory import return_freed_memory  # noqa: E402
 from bench.lib.ranks import run_ranks  # noqa: E402
 from bench.lib.report import run_meta, write_report  # noqa: E402
 from bench.lib.timing import Seconds, Stopwatch, TimedBackwardBackend, TimedStrategy, median, timed  # noqa: E402

@@ -75,7 +75,8 @@ def _rank(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
     before each run, so each run's peak is its own (on top of what the process holds)."""
     import gc
 
-    from bench.lib.memory import current_rss_bytes, reset_peak_rss, return_freed_memory
+    from bench.lib.memory import current_rss_bytes, reset_peak_rss
+    from gradprobe_dist.runtime.memory import return_freed_memory
 
     return_freed_memory()
     results = []

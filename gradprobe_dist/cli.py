@@ -22,6 +22,7 @@ import warnings
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 from gradprobe_dist.runtime.log import get_logger, is_main_process
+from gradprobe_dist.runtime.memory import follow_live_memory
 
 EXIT_USAGE = 2
 #: input problems: reported as one ERROR line (anything else is a bug and keeps its traceback)
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as done:  # --help, or an argument error already reported
         return done.code
+    follow_live_memory()
     logger = get_logger()
     level = logger.level
     if args.quiet:

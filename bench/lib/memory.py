@@ -7,7 +7,7 @@
   imports those modules: subtract it to compare what the work itself costs per rank.
 * ``current_rss_bytes``; ``reset_peak_rss`` then ``peak_rss_bytes`` for the peak over a window
   (Linux ``clear_refs``; it ends the whole-life peak, so read that first);
-  ``return_freed_memory`` so RSS follows live memory.
+  ``return_freed_memory`` (``gradprobe_dist.runtime.memory``) so RSS follows live memory.
 
 Why not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux keeps it across fork and exec, so a rank
 started by torchrun or multiprocessing (fork + exec of a parent that imported torch) reports
@@ -16,7 +16,6 @@ reports ru_maxrss 601 MB and VmHWM 13 MB. ``ru_maxrss`` is only the fallback off
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import resource
@@ -58,22 +57,6 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
-
-
-def return_freed_memory() -> bool:
-    """Make glibc hand blocks of 1 MiB or more back to the kernel as soon as they are freed
-    (fixed mmap and trim thresholds instead of adaptive ones) and trim the heap now, so that
-    RSS follows live memory instead of what the allocator keeps for reuse. This makes large
-    allocations slower: call it after the timings. False where libc is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD in malloc.h
-    ok = mallopt(mmap_threshold, 1 << 20) == 1 and mallopt(trim_threshold, 1 << 20) == 1
-    malloc_trim(0)
-    return ok
 
 
 def peak_cuda_bytes() -> int | None:
