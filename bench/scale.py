@@ -18,7 +18,7 @@ Least-squares fits over the measured points say how time per token and memory pe
 with the parameter count. ``--smollm2`` adds SmolLM2-135M itself, fetched with the project's
 own ``fetch-model`` command (skipped, and said so, where the command does not exist).
 
-    python -m bench.scale [--smoke] [--out bench/results] [--smollm2]
+    python -m bench.scale [--smoke] [--out bench/results] [--smollm2 | --only-smollm2] [--smollm2-dir DIR]
 
 Prints the Markdown tables and writes ``scale.json`` and ``scale.md`` to ``--out``.
 """
@@ -188,10 +188,9 @@ def count_params(fields: dict) -> int:
     return v * h + n * block + h
 
 
-def fetch_smollm2(work: Path) -> Path | None:
-    """SmolLM2-135M through the project's own command; None (with the reason printed) where
-    the command is missing or fails."""
-    target = work / "smollm2-135m"
+def fetch_smollm2(target: Path) -> Path | None:
+    """SmolLM2-135M through the project's own command, into ``target``; None (with the reason
+    printed) where the command is missing or fails."""
     proc = subprocess.run([sys.executable, "-m", "gradprobe_dist.cli", "fetch-model", "smollm2-135m",
                            "--out", str(target)], capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -274,10 +273,14 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2, help="sequences per global batch (split over ranks)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M, via `gradprobe fetch-model`")
+    parser.add_argument("--only-smollm2", action="store_true", help="SmolLM2-135M alone, no random-weight sizes")
+    parser.add_argument("--smollm2-dir", type=Path, help="where `fetch-model` keeps SmolLM2 (reused when finished; "
+                                                         "default: a temporary directory)")
     args = parser.parse_args()
+    args.smollm2 = args.smollm2 or args.only_smollm2
     if args.smoke:
         args.batches, args.seq = 2, 16
-    plan = SMOKE_PLAN if args.smoke else PLAN
+    plan = SMOKE_PLAN if args.smoke else [] if args.only_smollm2 else PLAN
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)
         shards = make_shards(work, args)
@@ -289,7 +292,7 @@ def main() -> int:
             rows += run_group(parallel, world, specs, args, work, shards)
             report(rows, bare_mib, meta, args, final=False)
         if args.smollm2 and not args.smoke:
-            path = fetch_smollm2(work)
+            path = fetch_smollm2(args.smollm2_dir or work / "smollm2-135m")
             if path is not None:
                 rows += run_smollm2(path, args, work, shards)
     report(rows, bare_mib, meta, args, final=True)
