@@ -4,8 +4,8 @@ glibc's malloc keeps freed blocks below its (adaptive, up to 32 MiB) mmap thresh
 heap for reuse, and the heap only shrinks from the top: after a forward+backward the
 activations' space stays resident, fragmented, and the next pass's peak lands on top of it.
 Measured on the SmolLM2-135M job (``bench/main_memory.py``), a fixed threshold of 128 KiB
-brings 2 FSDP2 ranks' peak RSS from 0.67 to 0.61 x one process's (above the import floor),
-for a few percent more time in page faults. The CLI applies it at start, in every way of
+brings 2 FSDP2 ranks' peak RSS from 0.69 x one process's (a 1 MiB threshold; 0.95 x with
+glibc's default) to 0.61 x, above the import floor, for a few percent more time in page faults. The CLI applies it at start, in every way of
 running (torchrun, SLURM, one process); a user who sets glibc's own ``MALLOC_MMAP_THRESHOLD_``
 keeps that.
 """
