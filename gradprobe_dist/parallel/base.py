@@ -146,6 +146,11 @@ class Backend(ABC):
         name a non-finite weight); whole tensors unless the mode shards them."""
         return param.detach()
 
+    def gather_parameter(self, param: nn.Parameter) -> torch.Tensor | None:
+        """The whole of any parameter of the model, prepared or loaded sharded, on the main
+        rank (None on the others); every rank calls it, one parameter at a time."""
+        return param.detach() if self.is_main else None
+
     def commit_weights(self, names: list[str]) -> None:
         """Make in-place edits of local weights durable and visible (ZeRO-3 needs this)."""
 

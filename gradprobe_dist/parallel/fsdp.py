@@ -143,6 +143,10 @@ class FSDPBackend(Backend):
     def local_part(self, param: nn.Parameter) -> torch.Tensor:
         return param.to_local() if isinstance(param, DTensor) else param.detach()
 
+    def gather_parameter(self, param: nn.Parameter) -> torch.Tensor | None:
+        full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+        return full if self.is_main else None
+
     def commit_weights(self, names: list[str]) -> None:
         """Drop any all-gathered copies, so the next forward gathers the edited shards."""
         self._reshard()

@@ -3,8 +3,8 @@
 The model is built with its parameters on the meta device (``parameters_on_meta``; buffers
 such as rotary tables stay real, since no checkpoint holds them), sharded, and then each
 rank reads only its own part of every weight from the safetensors files
-(``WeightReader.read``: rows for FSDP2's ``Shard(0)``, a flat range for ZeRO-3), cast to
-the model's dtype. Peak memory per rank is its shard plus one weight's part in flight.
+(``WeightReader.read_into``: rows for FSDP2's ``Shard(0)``, a flat range for ZeRO-3), cast to
+the model's dtype. Peak memory per rank is its shard plus a few MiB in flight.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from gradprobe_dist.parallel.base import LocalSlice
 
+READ_CHUNK_BYTES = 4 << 20
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -53,7 +54,13 @@ def restore_buffers(model: nn.Module, buffers: dict[str, torch.Tensor], device: 
 
 class WeightReader:
     """The tensors of a safetensors checkpoint (one file, a sharded ``*.index.json`` set, or
-    a directory holding either), read part by part without loading a whole file."""
+    a directory holding either), read part by part without loading a whole file.
+
+    A file is mapped only while one of its tensors is read: ``safe_open`` maps the whole
+    file, and every page read through a mapping that stays open stays resident (and counted
+    in the process's RSS), so a reader holding its files open would end up holding this
+    rank's part of the model twice.
+    """
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -69,18 +76,19 @@ class WeightReader:
         else:
             raise FileNotFoundError(f"no safetensors weights at {path}: point model.path at a "
                                     "model directory or a .safetensors file")
-        self._open: dict[Path, object] = {}
 
-    def _handle(self, key: str):
-        file = self.files[key]
-        if file not in self._open:
-            self._open[file] = safe_open(file, framework="pt")
-        return self._open[file]
+    @contextmanager
+    def _stored(self, key: str):
+        """The stored slice of ``key``; its file is unmapped once the slice and every tensor
+        read from it are gone."""
+        with safe_open(self.files[key], framework="pt") as f:
+            yield f.get_slice(key)
 
     def dtype(self) -> torch.dtype:
         """The checkpoint's own precision: that of its first floating-point tensor."""
         for key in self.files:
-            found = SAFETENSORS_DTYPES.get(self._handle(key).get_slice(key).get_dtype())
+            with self._stored(key) as stored:
+                found = SAFETENSORS_DTYPES.get(stored.get_dtype())
             if found is not None:
                 return found
         return torch.float32
@@ -94,23 +102,32 @@ class WeightReader:
                          f"{sorted(self.files)[:3]}): model.path does not hold this model's weights")
 
     def read(self, key: str, part: LocalSlice, dtype: torch.dtype) -> torch.Tensor:
-        """This rank's ``part`` of tensor ``key`` (rows, flat range or whole), in ``dtype``."""
-        stored = self._handle(key).get_slice(key)
-        shape = torch.Size(stored.get_shape())
-        if shape != torch.Size(part.full_shape):
-            raise ValueError(f"tensor {key} of the checkpoint has shape {list(shape)}, the model's "
-                             f"{list(part.full_shape)}: model.path does not hold this model's weights")
-        if part.layout == "full":
-            tensor = stored[:]
-        elif part.layout == "rows":
-            tensor = stored[part.start:part.stop] if part.stop > part.start else torch.empty(
-                (0, *shape[1:]), dtype=SAFETENSORS_DTYPES[stored.get_dtype()])
-        else:
-            row = shape[1:].numel() if len(shape) > 1 else 1
-            first, last = part.start // row, -(-part.stop // row)
-            rows = stored[first:last] if part.stop > part.start else stored[0:0]
-            tensor = rows.reshape(-1)[part.start - first * row: part.stop - first * row]
-        return tensor.to(dtype)
+        """Elements ``part.flat_range()`` of tensor ``key`` flattened (only the rows that hold
+        them are read), in ``dtype``; in the stored dtype, a view of the mapped file."""
+        with self._stored(key) as stored:
+            shape = torch.Size(stored.get_shape())
+            if shape != torch.Size(part.full_shape):
+                raise ValueError(f"tensor {key} of the checkpoint has shape {list(shape)}, the model's "
+                                 f"{list(part.full_shape)}: model.path does not hold this model's weights")
+            start, stop = part.flat_range()
+            if stop <= start:
+                return torch.empty(0, dtype=dtype)
+            if not shape:  # a scalar
+                return stored[...].reshape(1).to(dtype)
+            row = shape[1:].numel()
+            first, last = start // row, -(-stop // row)
+            flat = stored[first:last].reshape(-1)[start - first * row:stop - first * row]
+        return flat.to(dtype)
+
+    def read_into(self, key: str, part: LocalSlice, out: torch.Tensor) -> None:
+        """Copy this rank's ``part`` of tensor ``key`` into ``out`` (contiguous, the part's
+        size), ``READ_CHUNK_BYTES`` at a time: what is in flight beside ``out`` stays small
+        however large the weight."""
+        flat, (start, stop) = out.view(-1), part.flat_range()
+        step = max(1, READ_CHUNK_BYTES // out.element_size())
+        for lo in range(start, stop, step):
+            hi = min(lo + step, stop)
+            flat[lo - start:hi - start].copy_(self.read(key, LocalSlice(part.full_shape, "flat", lo, hi), out.dtype))
 
 
 def aliases_of(model: nn.Module) -> dict[str, list[str]]:
@@ -128,8 +145,7 @@ def fill_local_parts(model: nn.Module, reader: WeightReader, part_of, local_of) 
     to fill. Buffers the checkpoint holds (persistent ones) are read whole."""
     params = dict(model.named_parameters())
     for name, aliases in aliases_of(model).items():
-        local = local_of(params[name])
-        local.copy_(reader.read(reader.key_for(aliases), part_of(params[name]), local.dtype))
+        reader.read_into(reader.key_for(aliases), part_of(params[name]), local_of(params[name]))
     for name, buf in model.named_buffers():
         if name in reader.files:
-            buf.copy_(reader.read(name, LocalSlice(buf.shape, "full"), buf.dtype))
+            reader.read_into(name, LocalSlice(buf.shape, "full"), buf)

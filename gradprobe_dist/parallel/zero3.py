@@ -12,6 +12,14 @@ into the fp32 master so that nothing rebuilds ``ds_tensor`` from stale values.
 
 The engine needs an optimizer for its backward; it gets SGD with lr 0 and ``step()`` is
 never called, so no weight ever moves except by the probe's own edits.
+
+Sharded loading (``load_sharded``): the model comes built with its parameters on the meta
+device; module by module, its parameters are allocated and handed to
+``deepspeed.zero.Init(module=...)``, which partitions them at once (one module's weights
+exist whole at a time), and each rank then reads only the rows of the safetensors file that
+cover its flat partition. ``deepspeed.initialize`` finds every parameter already partitioned
+and does not convert or broadcast it again; its stage-3 optimizer still gathers each
+trainable weight once, one at a time, to hook its gradient, as it does for any model.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from deepspeed.utils import safe_get_local_grad, safe_set_local_fp32_param
 
 from gradprobe_dist.parallel.base import Backend, LocalSlice
 from gradprobe_dist.parallel.collectives import ProcessGroup, gather_flat, scatter_flat
+from gradprobe_dist.parallel.loading import WeightReader, fill_local_parts, real_buffers, restore_buffers
 from gradprobe_dist.probe.validation import is_int
 from gradprobe_dist.runtime.log import get_logger
 
@@ -82,6 +91,38 @@ class Zero3Backend(Backend):
         for name in self._trainable_at_init:
             self._params[name].requires_grad_(name in wanted)
         return self._engine
+
+    def load_sharded(self, model: nn.Module, param_names: list[str], reader: WeightReader) -> None:
+        """Partition ``model`` (parameters on the meta device) as ZeRO-3 does, then read each
+        rank's flat partition of every weight from ``reader``: no rank ever holds the model."""
+        restore_buffers(model, real_buffers(model), self.device)  # the engine will not move a partitioned model
+        self._partition_module_by_module(model)
+        fill_local_parts(model, reader, self._flat_slice, self._unpadded)
+
+    def _partition_module_by_module(self, model: nn.Module) -> None:
+        """Allocate the meta parameters of one module at a time and let ZeRO-3 partition them
+        before the next module's exist: children before their parents, so a module's own
+        parameters are all that is new when it comes; a tied parameter is allocated once.
+        The partition's padding, never loaded, is zeroed (``local_part`` shows it)."""
+        allocated: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(meta): (meta, real)
+        config = zero3_config(self.micro_batch_size)
+        for module in reversed(list(model.modules())):
+            fresh = []
+            for owner in module.modules():
+                for key, param in owner._parameters.items():
+                    if param is None or not param.is_meta:
+                        continue
+                    if id(param) not in allocated:
+                        real = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=self.device),
+                                            requires_grad=param.requires_grad)
+                        allocated[id(param)] = (param, real)
+                        fresh.append(real)
+                    owner._parameters[key] = allocated[id(param)][1]
+            if fresh:
+                deepspeed.zero.Init(module=module, config_dict_or_path=config)
+                for param in fresh:
+                    start, stop = self._flat_range(param)
+                    param.ds_tensor[stop - start:].zero_()
 
     def _build_engine(self, model: nn.Module) -> None:
         started = time.perf_counter()
@@ -141,17 +182,28 @@ class Zero3Backend(Backend):
         return safe_get_local_grad(param)[: stop - start].clone()
 
     def local_weight(self, name: str) -> torch.Tensor:
-        param = self._params[name]
+        return self._unpadded(self._params[name])
+
+    def local_slice(self, name: str) -> LocalSlice:
+        return self._flat_slice(self._params[name])
+
+    def _unpadded(self, param: nn.Parameter) -> torch.Tensor:
         start, stop = self._flat_range(param)
         return param.ds_tensor.narrow(0, 0, stop - start)
 
-    def local_slice(self, name: str) -> LocalSlice:
-        param = self._params[name]
+    def _flat_slice(self, param: nn.Parameter) -> LocalSlice:
         start, stop = self._flat_range(param)
         return LocalSlice(param.ds_shape, "flat", start, stop)
 
     def local_part(self, param: nn.Parameter) -> torch.Tensor:
         return param.ds_tensor if hasattr(param, "ds_tensor") else param.detach()
+
+    def gather_parameter(self, param: nn.Parameter) -> torch.Tensor | None:
+        if not hasattr(param, "ds_tensor"):
+            return super().gather_parameter(param)
+        layout = self._flat_slice(param)
+        flat = gather_flat(self._unpadded(param), layout.start, layout.stop, layout.full_numel, dst=0)
+        return None if flat is None else flat.reshape(layout.full_shape)
 
     def _flat_range(self, param: nn.Parameter) -> tuple[int, int]:
         """This rank's unpadded [start, stop) in ``weight.flatten()``; empty past the end."""

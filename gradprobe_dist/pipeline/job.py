@@ -169,8 +169,8 @@ class PruneJob:
         hashes = {}
         for name, param in self.model.named_parameters():
             if name in self.names:
-                full = param.full_tensor() if hasattr(param, "full_tensor") else param
-                if self.env.is_main:
+                full = self.backend.gather_parameter(param)
+                if full is not None:
                     hashes[name] = tensor_sha256(full)
         self._fingerprint = model_fingerprint(self.model, hashes)
 
