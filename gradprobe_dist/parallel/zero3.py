@@ -14,10 +14,10 @@ The engine needs an optimizer for its backward; it gets SGD with lr 0 and ``step
 never called, so no weight ever moves except by the probe's own edits.
 
 Sharded loading (``load_sharded``): the model comes built with its parameters on the meta
-device; module by module, its parameters are allocated and handed to
-``deepspeed.zero.Init(module=...)``, which partitions them at once (one module's weights
-exist whole at a time), and each rank then reads only the rows of the safetensors file that
-cover its flat partition. ``deepspeed.initialize`` finds every parameter already partitioned
+device; one by one, largest first, each is allocated and handed to
+``deepspeed.zero.Init(module=...)``, which partitions it at once (one weight exists whole at
+a time), and each rank then reads only the rows of the safetensors file that cover its flat
+partition. ``deepspeed.initialize`` finds every parameter already partitioned
 and does not convert or broadcast it again; its stage-3 optimizer still gathers each
 trainable weight once, one at a time, to hook its gradient, as it does for any model.
 """
@@ -96,33 +96,29 @@ class Zero3Backend(Backend):
         """Partition ``model`` (parameters on the meta device) as ZeRO-3 does, then read each
         rank's flat partition of every weight from ``reader``: no rank ever holds the model."""
         restore_buffers(model, real_buffers(model), self.device)  # the engine will not move a partitioned model
-        self._partition_module_by_module(model)
+        self._partition_largest_first(model)
         fill_local_parts(model, reader, self._flat_slice, self._unpadded)
 
-    def _partition_module_by_module(self, model: nn.Module) -> None:
-        """Allocate the meta parameters of one module at a time and let ZeRO-3 partition them
-        before the next module's exist: children before their parents, so a module's own
-        parameters are all that is new when it comes; a tied parameter is allocated once.
-        The partition's padding, never loaded, is zeroed (``local_part`` shows it)."""
-        allocated: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(meta): (meta, real)
+    def _partition_largest_first(self, model: nn.Module) -> None:
+        """Allocate the meta parameters one at a time, largest first, each partitioned by
+        ``zero.Init`` before the next exists: at most one weight is whole at a time, and the
+        largest while little else is held. A tied parameter is one, wherever it is used. The
+        partition's padding, never loaded, is zeroed (``local_part`` shows it)."""
+        places: dict[int, tuple[nn.Parameter, list]] = {}  # id(meta): (meta, [(module, key), ...])
+        for module in model.modules():
+            for key, param in module._parameters.items():
+                if param is not None and param.is_meta:
+                    places.setdefault(id(param), (param, []))[1].append((module, key))
         config = zero3_config(self.micro_batch_size)
-        for module in reversed(list(model.modules())):
-            fresh = []
-            for owner in module.modules():
-                for key, param in owner._parameters.items():
-                    if param is None or not param.is_meta:
-                        continue
-                    if id(param) not in allocated:
-                        real = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=self.device),
-                                            requires_grad=param.requires_grad)
-                        allocated[id(param)] = (param, real)
-                        fresh.append(real)
-                    owner._parameters[key] = allocated[id(param)][1]
-            if fresh:
-                deepspeed.zero.Init(module=module, config_dict_or_path=config)
-                for param in fresh:
-                    start, stop = self._flat_range(param)
-                    param.ds_tensor[stop - start:].zero_()
+        for meta, where in sorted(places.values(), key=lambda item: -item[0].numel()):  # the same order on every rank
+            holder = nn.Module()
+            holder.weight = nn.Parameter(torch.empty(meta.shape, dtype=meta.dtype, device=self.device),
+                                         requires_grad=meta.requires_grad)
+            deepspeed.zero.Init(module=holder, config_dict_or_path=config)
+            for module, key in where:
+                module._parameters[key] = holder.weight
+            start, stop = self._flat_range(holder.weight)
+            holder.weight.ds_tensor[stop - start:].zero_()
 
     def _build_engine(self, model: nn.Module) -> None:
         started = time.perf_counter()
