@@ -53,7 +53,7 @@ ROWS = [("zero3", False), ("zero3", True), ("fsdp", False), ("fsdp", True)]
 def _rank(rank: int, world: int, tiny: str, path: str, parallel: str, sharded: bool) -> dict:
     import gc
 
-    from bench.lib.memory import return_freed_memory
+    from gradprobe_dist.runtime.memory import return_freed_memory
 
     _load(tiny, parallel, sharded)
     gc.collect()
