@@ -173,7 +173,8 @@ def markdown(report: dict) -> str:
 
 def summary(rows: list[dict]) -> list[dict]:
     """Mean ± std of perplexity over seeds, per group and method (the order first seen)."""
-    keys = dict.fromkeys((r["group"], r["method"]) for r in rows)
+    keys = sorted(dict.fromkeys((r["group"], r["method"]) for r in rows),  # N:M after the sparsities
+                  key=lambda key: (":" in key[0], key[0]))
     out = []
     for group, method in keys:
         same = [r for r in rows if (r["group"], r["method"]) == (group, method)]
