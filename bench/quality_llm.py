@@ -226,7 +226,7 @@ def plot(report: dict, path: Path) -> None:
                yerr=[at[t]["perplexity_std"] for t in targets if t in at], capsize=2)
     ax.axhline(report["dense"], color="k", linestyle=":", linewidth=1, label="dense")
     ax.set_xticks(range(len(targets)), targets)
-    ax.set(yscale="log", xlabel="target (= actual sparsity of every bar of a group)",
+    ax.set(yscale="log", xlabel="target (every bar of a group within one weight per row of it)",
            ylabel="perplexity (lower is better)", title="SmolLM2-135M: every method at the same sparsity")
     ax.legend(fontsize=7)
     fig.tight_layout()
