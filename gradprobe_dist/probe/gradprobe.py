@@ -33,7 +33,7 @@ from gradprobe_dist.probe.record import ProbeRecord
 from gradprobe_dist.probe.target import StrategyOrder
 from gradprobe_dist.probe.tentative import (allocate_layers, check_allocation, check_pattern, nm_pattern,
                                             select_tentative, selection_context)
-from gradprobe_dist.probe.validation import check_mode, check_prune_args, check_threshold
+from gradprobe_dist.probe.validation import check_mode, check_prune_args, check_selection_args, check_threshold
 from gradprobe_dist.probe.veto import check_fraction, probe_vetoes, sparsegpt_with_veto
 from gradprobe_dist.reconstruct.apply import compensate, reconstruct_from
 from gradprobe_dist.runtime.log import get_logger
@@ -355,7 +355,7 @@ def _by_strategy(probe: GradProbe, dataloader: Iterable, loss_of: LossOfBatch, s
                  num_batches: int, verbose: bool, allocation: Allocation | None,
                  reconstruct: bool) -> dict[str, torch.Tensor]:
     """``prune_by_strategy``'s work: the selection at ``oversample=1`` is the decision."""
-    check_prune_args(sparsity, num_batches, 0.1, 0.0)  # no reduction or threshold: valid stand-ins
+    check_selection_args(sparsity, num_batches)
     check_pattern(probe.strategy, sparsity)
     check_allocation(allocation, "target", "layer", probe.strategy)
     if allocation is not None and allocation.kind == "gradient":

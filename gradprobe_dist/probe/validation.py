@@ -20,6 +20,16 @@ def is_number(value) -> bool:
 def check_prune_args(sparsity: float, num_batches: int, reduction_factor: float,
                      gradient_threshold: float) -> None:
     """Raise ValueError/TypeError naming the bad argument and what would be valid."""
+    check_selection_args(sparsity, num_batches)
+    _number("reduction_factor", reduction_factor)
+    if not 0.0 < reduction_factor < 1.0:
+        raise ValueError(f"reduction_factor={reduction_factor} is outside (0, 1): selected "
+                         "weights are scaled by it, e.g. 0.1 keeps 10% of their value")
+    check_threshold(gradient_threshold)
+
+
+def check_selection_args(sparsity: float, num_batches: int) -> None:
+    """What every prune checks, with or without the probe's passes."""
     _number("sparsity", sparsity)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} is outside [0, 1): pass the fraction of weights "
@@ -29,11 +39,6 @@ def check_prune_args(sparsity: float, num_batches: int, reduction_factor: float,
     if num_batches < 1:
         raise ValueError(f"num_batches={num_batches} must be >= 1: the probe needs at least "
                          "one calibration batch")
-    _number("reduction_factor", reduction_factor)
-    if not 0.0 < reduction_factor < 1.0:
-        raise ValueError(f"reduction_factor={reduction_factor} is outside (0, 1): selected "
-                         "weights are scaled by it, e.g. 0.1 keeps 10% of their value")
-    check_threshold(gradient_threshold)
 
 
 def check_threshold(gradient_threshold: float) -> None:
