@@ -16,21 +16,21 @@ def _collectives() -> ProcessGroup | None:
     return ProcessGroup() if dist.is_available() and dist.is_initialized() else None
 
 
-def select_smallest(scores, k):
-    return select.select_smallest(scores, k, _collectives())
+def select_smallest(scores, k, gather_limit=select.GATHER_LIMIT):
+    return select.select_smallest(scores, k, _collectives(), gather_limit)
 
 
-def select_smallest_each(scores, ks):
-    return select.select_smallest_each(scores, ks, _collectives())
+def select_smallest_each(scores, ks, gather_limit=select.GATHER_LIMIT):
+    return select.select_smallest_each(scores, ks, _collectives(), gather_limit)
 
 
-def kth_smallest(values: torch.Tensor, k: int) -> float:
+def kth_smallest(values: torch.Tensor, k: int, gather_limit: int = 0) -> float:
     """Exact k-th smallest (1-based) of every rank's ``values`` concatenated, as float32:
     the largest of the k smallest. Every rank calls it with the same ``k``."""
     if k == 0:
         raise ValueError("k=0: kth_smallest counts from 1; pass k between 1 and the number of values")
     collectives = _collectives()
-    (mask,) = select.select_smallest([values], k, collectives)
+    (mask,) = select.select_smallest([values], k, collectives, gather_limit)
     chosen = values.detach().float().reshape(-1)[mask.reshape(-1)]
     worst = torch.tensor([float(chosen.max()) if chosen.numel() else float("-inf")], dtype=torch.float64)
     return float(collectives.all_reduce(worst, "max") if collectives else worst)

@@ -11,6 +11,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from multiproc import run_ranks  # noqa: E402
 from references import kth_smallest, select_smallest, select_smallest_each  # noqa: E402
 
+from gradprobe_dist.parallel.select import GATHER_LIMIT  # noqa: E402
+
 
 # -- data and reference --------------------------------------------------------------------
 def _tied_values(n: int, seed: int) -> torch.Tensor:
@@ -46,15 +48,15 @@ def _reference_mask(values: torch.Tensor, k: int) -> torch.Tensor:
 _KTH_SIZES = (9, 0, 23)  # rank 1 holds nothing
 
 
-def _kth_on_ranks(rank, world):
+def _kth_on_ranks(rank, world, gather_limit):
     values = torch.tensor_split(_tied_values(sum(_KTH_SIZES), seed=3), [9, 9])[rank]
     total = sum(_KTH_SIZES)
-    answers = {k: kth_smallest(values, k) for k in (1, 2, 5, total // 2, total - 1, total)}
-    answers["bf16"] = kth_smallest(values.to(torch.bfloat16), 7)
+    answers = {k: kth_smallest(values, k, gather_limit) for k in (1, 2, 5, total // 2, total - 1, total)}
+    answers["bf16"] = kth_smallest(values.to(torch.bfloat16), 7, gather_limit)
     errors = {}
     for name, call in {
-        "nan": lambda: kth_smallest(torch.full((2,), float("nan")) if rank == 2 else values, 1),
-        "too_big": lambda: kth_smallest(values, total + 1),
+        "nan": lambda: kth_smallest(torch.full((2,), float("nan")) if rank == 2 else values, 1, gather_limit),
+        "too_big": lambda: kth_smallest(values, total + 1, gather_limit),
     }.items():
         try:
             call()
@@ -63,9 +65,9 @@ def _kth_on_ranks(rank, world):
     return answers, errors
 
 
-def _select_on_ranks(rank, world, k_total, ks):
+def _select_on_ranks(rank, world, k_total, ks, gather_limit):
     pieces = [_piece(t, rank, world) for t in _model_scores(seed=11)]
-    return select_smallest(pieces, k_total), select_smallest_each(pieces, ks)
+    return select_smallest(pieces, k_total, gather_limit), select_smallest_each(pieces, ks, gather_limit)
 
 
 def _count_collectives(rank, world):
@@ -81,19 +83,21 @@ def _count_collectives(rank, world):
 
     dist.all_reduce, dist.all_gather = counted(dist.all_reduce), counted(dist.all_gather)
     counts = {}
-    for n_tensors in (2, 60):
-        scores = [_piece(_tied_values(17, seed=i), rank, world) for i in range(n_tensors)]
-        calls["n"] = 0
-        masks = select_smallest_each(scores, [5] * n_tensors)
-        counts[n_tensors] = (calls["n"], sum(int(m.sum()) for m in masks))
+    for gather_limit in (0, GATHER_LIMIT):
+        for n_tensors in (2, 60):
+            scores = [_piece(_tied_values(17, seed=i), rank, world) for i in range(n_tensors)]
+            calls["n"] = 0
+            masks = select_smallest_each(scores, [5] * n_tensors, gather_limit)
+            counts[gather_limit, n_tensors] = (calls["n"], sum(int(m.sum()) for m in masks))
     return counts
 
 
 # -- distributed tests ---------------------------------------------------------------------
-def test_kth_smallest_matches_kthvalue_on_three_uneven_ranks():
+@pytest.mark.parametrize("gather_limit", [0, GATHER_LIMIT], ids=["radix", "gathered"])
+def test_kth_smallest_matches_kthvalue_on_three_uneven_ranks(gather_limit):
     total = sum(_KTH_SIZES)
     everything = _tied_values(total, seed=3)
-    results = run_ranks(_kth_on_ranks, 3, timeout=120)
+    results = run_ranks(_kth_on_ranks, 3, gather_limit, timeout=120)
     answers, errors = results[0]
     assert all(r[0] == answers for r in results), "ranks disagree on the k-th value"
     for k, value in answers.items():
@@ -106,14 +110,15 @@ def test_kth_smallest_matches_kthvalue_on_three_uneven_ranks():
         assert f"k={total + 1}" in rank_errors["too_big"]
 
 
+@pytest.mark.parametrize("gather_limit", [0, GATHER_LIMIT], ids=["radix", "gathered"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_selection_equals_one_process_on_the_concatenation(world):
+def test_selection_equals_one_process_on_the_concatenation(world, gather_limit):
     full = _model_scores(seed=11)
     total = sum(t.numel() for t in full)
     k_total = total // 3
     ks = [t.numel() // 2 for t in full]
     ks[-1] = full[-1].numel()  # all of it
-    results = run_ranks(_select_on_ranks, world, k_total, ks, timeout=120)
+    results = run_ranks(_select_on_ranks, world, k_total, ks, gather_limit, timeout=120)
 
     joined = [[torch.cat([r[which][i].reshape(-1) for r in results]) for i in range(len(full))]
               for which in (0, 1)]
@@ -131,9 +136,10 @@ def test_selection_equals_one_process_on_the_concatenation(world):
 def test_collectives_of_select_each_do_not_grow_with_the_tensor_count():
     per_rank = run_ranks(_count_collectives, 2, timeout=120)
     for counts in per_rank:
-        assert counts[2][0] == counts[60][0] == 5  # 4 radix rounds + 1 tie-count gather
-    assert sum(counts[2][1] for counts in per_rank) == 2 * 5
-    assert sum(counts[60][1] for counts in per_rank) == 60 * 5
+        assert counts[0, 2][0] == counts[0, 60][0] == 6  # sizes, 4 radix rounds, tie counts
+        assert counts[GATHER_LIMIT, 2][0] == counts[GATHER_LIMIT, 60][0] == 2  # sizes, values
+    for key in per_rank[0]:
+        assert sum(counts[key][1] for counts in per_rank) == key[1] * 5
 
 
 # -- single process (no process group) -----------------------------------------------------

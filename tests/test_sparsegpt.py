@@ -89,6 +89,16 @@ def test_n_m_equals_the_reference(n, m):
     torch.testing.assert_close(W_new, W_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_n_m_groups_that_straddle_the_sweeps_steps_equal_the_reference():
+    """Groups of 24 columns against obs.STEP = 16: a group must see every earlier column's
+    error, also where it starts inside a step."""
+    W, H, _ = _layer(2, columns=192)
+    W_new, mask = sparsegpt_prune(W, H, 0.0, blocksize=96, prune_n=12, prune_m=24)
+    W_ref, mask_ref = reference_fasterprune(W, H, 0.0, prunen=12, prunem=24, blocksize=96)
+    assert torch.equal(mask, mask_ref)
+    torch.testing.assert_close(W_new, W_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_the_mask_adapts_to_the_updates():
     """The adaptive mask is not the one the dense weights' scores would choose up front."""
     W, H, _ = _layer()

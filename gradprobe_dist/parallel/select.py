@@ -5,6 +5,9 @@ rank, yet gathering billions of scores onto one rank does not fit. A radix selec
 order-preserving integer key of each float32 value finds the exact k-th smallest with four
 rounds of a 256-bin histogram summed over ranks (one ``all_reduce`` per round, batched over
 all tensors); one ``all_gather`` of tie counts then decides which equal values are taken.
+Selections of at most ``GATHER_LIMIT`` values over all ranks (SparseGPT's per-block tiles)
+are cheaper gathered: every rank gets all the values and selects locally, with the same
+result.
 
 Order used everywhere: values compare as float32 (so ``-0.0 == 0.0``); among equal values
 the lowest (tensor index, rank, flat index) comes first. That is the global order when
@@ -27,6 +30,9 @@ _KEY_BITS = 32
 _SHIFTS = tuple(range(_KEY_BITS - _DIGIT_BITS, -1, -_DIGIT_BITS))  # 24, 16, 8, 0: top digit first
 _SIGN = 1 << 31
 _MASK32 = (1 << 32) - 1
+#: at most this many values over all ranks (16 MiB of float32) are gathered to every rank
+#: and selected there: one ``all_gather`` instead of the five radix rounds
+GATHER_LIMIT = 1 << 22
 
 
 # -- float32 <-> order-preserving key ------------------------------------------------------
@@ -151,27 +157,60 @@ def _local_masks(scores: list[torch.Tensor], k: int, label: str) -> list[torch.T
     return [m.reshape(t.shape) for m, t in zip(mask.split([t.numel() for t in scores]), scores)]
 
 
+def _gathered_masks(scores: list[torch.Tensor], owner: list[int], ks: list[int], labels: list[str],
+                   sizes: torch.Tensor, collectives) -> list[torch.Tensor]:
+    """The radix select's result from every rank's values gathered: group g's values in
+    (tensor index, rank, flat index) order, selected by ``_local_masks`` on every rank.
+    ``sizes [world, len(scores)]``: every rank's numel of each tensor."""
+    rank, world = collectives.rank, collectives.world_size
+    totals = sizes.sum(1).tolist()
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in scores])
+    padded = flat.new_zeros(max(totals))
+    padded[:flat.numel()] = flat
+    everyone = collectives.all_gather(padded) if max(totals) else padded.expand(world, 0)
+    pieces = [everyone[r, :totals[r]].split(sizes[r].tolist()) for r in range(world)]
+    masks: list[torch.Tensor | None] = [None] * len(scores)
+    for g, k in enumerate(ks):
+        members = [i for i, o in enumerate(owner) if o == g]
+        picked = _local_masks([pieces[r][i] for i in members for r in range(world)], k, labels[g])
+        for j, i in enumerate(members):
+            masks[i] = picked[j * world + rank].reshape(scores[i].shape)
+    return masks
+
+
+def _select(scores: list[torch.Tensor], owner: list[int], ks: list[int], labels: list[str],
+            collectives, gather_limit: int) -> list[torch.Tensor]:
+    """Gathered when small, radix otherwise: the same choice on every rank (global sizes)."""
+    sizes = collectives.all_gather(torch.tensor([t.numel() for t in scores], dtype=torch.int64,
+                                                device=scores[0].device))
+    if int(sizes.sum()) <= gather_limit:
+        return _gathered_masks(scores, owner, ks, labels, sizes, collectives)
+    target, ties_needed = _radix_select(scores, owner, ks, labels, collectives)
+    return _tie_broken_masks(scores, owner, target, ties_needed, collectives)
+
+
 # -- public API -----------------------------------------------------------------------------
-def select_smallest(scores: Sequence[torch.Tensor], k: int, collectives=None) -> list[torch.Tensor]:
+def select_smallest(scores: Sequence[torch.Tensor], k: int, collectives=None,
+                    gather_limit: int = GATHER_LIMIT) -> list[torch.Tensor]:
     """Bool masks (shaped like ``scores``) marking the k smallest values over all tensors and
     all ranks together, ties to the lowest (tensor index, rank, flat index). A collective:
-    five collective calls whatever the number of tensors."""
+    two collective calls (sizes, values) up to ``gather_limit`` values over all ranks, six
+    above it, whatever the number of tensors."""
     scores = _check_tensors(scores, "scores")
     k = _check_k(k, "k")
     if not scores:
         return _nothing_to_select(k, "k")
     if collectives is None:
         return _local_masks(scores, k, "scores")
-    owner = [0] * len(scores)
-    target, ties_needed = _radix_select(scores, owner, [k], ["scores"], collectives)
-    return _tie_broken_masks(scores, owner, target, ties_needed, collectives)
+    return _select(scores, [0] * len(scores), [k], ["scores"], collectives, gather_limit)
 
 
-def select_smallest_each(scores: Sequence[torch.Tensor], ks: Sequence[int],
-                         collectives=None) -> list[torch.Tensor]:
+def select_smallest_each(scores: Sequence[torch.Tensor], ks: Sequence[int], collectives=None,
+                         gather_limit: int = GATHER_LIMIT) -> list[torch.Tensor]:
     """For each tensor i on its own, a bool mask of its ``ks[i]`` smallest values over all
-    ranks (ties to the lowest rank, then flat index). A collective whose five collective calls
-    cover every tensor at once, so per-layer selection of a deep model stays cheap."""
+    ranks (ties to the lowest rank, then flat index). A collective whose calls (as
+    ``select_smallest``'s) cover every tensor at once, so per-layer selection of a deep model
+    stays cheap."""
     scores = _check_tensors(scores, "scores")
     ks = [_check_k(k, f"ks[{i}]") for i, k in enumerate(ks)]
     if len(ks) != len(scores):
@@ -181,5 +220,4 @@ def select_smallest_each(scores: Sequence[torch.Tensor], ks: Sequence[int],
     if collectives is None:
         return [_local_masks([t], k, f"scores[{i}]")[0] for i, (t, k) in enumerate(zip(scores, ks))]
     owner = list(range(len(scores)))
-    target, ties_needed = _radix_select(scores, owner, ks, [f"scores[{i}]" for i in owner], collectives)
-    return _tie_broken_masks(scores, owner, target, ties_needed, collectives)
+    return _select(scores, owner, ks, [f"scores[{i}]" for i in owner], collectives, gather_limit)

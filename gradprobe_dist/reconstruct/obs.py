@@ -21,6 +21,10 @@ import torch
 
 from gradprobe_dist.probe.validation import is_int
 
+#: columns whose errors go one by one into each other (see ``obs_block``)
+STEP = 16
+
+
 def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> int:
     """Fold inputs ``x [..., in]`` into ``H`` (in place) and return the new sample count.
 
@@ -91,23 +95,33 @@ def prepare(W: torch.Tensor, H: torch.Tensor, percdamp: float,
 
 
 def obs_block(weights: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, i1: int, i2: int,
-              choose=None) -> None:
+              choose=None, step: int = STEP) -> None:
     """Prune columns ``i1:i2`` in place, one at a time, then push their error onwards.
+
+    Each column's error goes at once only into the columns of its ``step`` (a run of
+    ``step`` columns of the block); the rest of the block takes a whole step's errors in one
+    matmul, as the columns after the block do. Same result as column-by-column updates of the
+    whole block (up to float rounding), at a fraction of the memory traffic.
 
     ``choose(block, hinv1, block_mask, i)``, when given, may mark more of ``block_mask``
     before column ``i`` of the block is pruned, from the weights as updated so far (how
-    SparseGPT picks N:M groups). Rows never mix, so row shards can be swept apart.
+    SparseGPT picks N:M groups); it may read only columns of ``i``'s step. Rows never mix,
+    so row shards can be swept apart.
     """
-    block = weights[:, i1:i2]  # a view: updates land in ``weights``
+    block = weights[:, i1:i2].clone()  # contiguous working copy, written back at the end
     hinv1 = hinv[i1:i2, i1:i2]
     block_mask = mask[:, i1:i2]
-    errors = torch.zeros_like(block)
-    for i in range(i2 - i1):
-        if choose is not None:
-            choose(block, hinv1, block_mask, i)
-        w = block[:, i]
-        err = torch.where(block_mask[:, i], w, torch.zeros_like(w)) / hinv1[i, i]
-        block[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-        block[:, i].masked_fill_(block_mask[:, i], 0.0)  # exactly zero, not a rounding residue
-        errors[:, i] = err
-    weights[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    errors = torch.empty_like(block.T)  # column i's error in row i: contiguous
+    diagonal = torch.diag(hinv1).tolist()
+    width = i2 - i1
+    for j1 in range(0, width, step):
+        j2 = min(j1 + step, width)
+        for i in range(j1, j2):
+            if choose is not None:
+                choose(block, hinv1, block_mask, i)
+            err = torch.mul(block[:, i], block_mask[:, i], out=errors[i]).div_(diagonal[i])
+            block[:, i:j2].addr_(err, hinv1[i, i:j2], alpha=-1.0)
+            block[:, i].masked_fill_(block_mask[:, i], 0.0)  # exactly zero, not a rounding residue
+        block[:, j2:].addmm_(errors[j1:j2].T, hinv1[j1:j2, j2:], alpha=-1.0)
+    weights[:, i1:i2] = block
+    weights[:, i2:].addmm_(errors.T, hinv[i1:i2, i2:], alpha=-1.0)

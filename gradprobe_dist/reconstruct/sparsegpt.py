@@ -29,7 +29,7 @@ import torch
 
 from gradprobe_dist.parallel.select import select_smallest_each
 from gradprobe_dist.probe.validation import is_number
-from gradprobe_dist.reconstruct.obs import check_args, obs_block, prepare
+from gradprobe_dist.reconstruct.obs import STEP, check_args, obs_block, prepare
 from gradprobe_dist.strategies.base import count_to_select
 
 SelectEach = Callable[[list[torch.Tensor], list[int]], list[torch.Tensor]]
@@ -110,11 +110,14 @@ class _Sweep:
 
     def sweep_block(self, b: int, nm: tuple[int, int] | None) -> None:
         i1, i2 = self.columns(b)
-        choose = None
-        if nm is not None:
-            veto = None if self.veto is None else self.veto[:, i1:i2]
-            choose = _group_chooser(*nm, veto)
-        obs_block(self.weights, self.hinv, self.mask, i1, i2, choose)
+        if nm is None:
+            obs_block(self.weights, self.hinv, self.mask, i1, i2)
+            return
+        n, m = nm
+        veto = None if self.veto is None else self.veto[:, i1:i2]
+        # a group's scores need the group updated by every column before it: whole groups per step
+        obs_block(self.weights, self.hinv, self.mask, i1, i2, _group_chooser(n, m, veto),
+                  step=m * math.ceil(STEP / m))
 
 
 def _choose_tiles(sweeps: list[_Sweep], b: int, ks: list[int], select_each: SelectEach,
