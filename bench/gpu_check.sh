@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job (configs/smollm2.yaml) on one CUDA device in bf16 with nccl, in at most 8
+# The main job (configs/smollm2-50.yaml) on one CUDA device in bf16 with nccl, in at most 8
 # minutes: prints wall time, peak CUDA memory (torch.cuda.max_memory_allocated) and the
 # perplexity before and after pruning. Not yet run on a GPU (none was available when it was
 # written): see README.
@@ -27,6 +27,6 @@ if torch.cuda.is_available():
 sys.exit(code)
 PY
 export OMP_NUM_THREADS=4
-timeout 480 torchrun --standalone --nproc_per_node=1 "$WRAPPER" prune --config configs/smollm2.yaml --eval \
+timeout 480 torchrun --standalone --nproc_per_node=1 "$WRAPPER" prune --config configs/smollm2-50.yaml --eval \
   --restart device=cuda model.dtype=bfloat16 data.micro_batch_size=4 data.eval_batches=6 \
   output_dir=$RUN/masks-gpu

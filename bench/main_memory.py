@@ -1,5 +1,6 @@
-"""Peak resident memory per rank of the whole main job (configs/smollm2.yaml: load, shard,
-probe, checkpoint), as the kernel counts it, against the import-only floor:
+"""Peak resident memory per rank of the whole main job's prune (configs/smollm2-50.yaml:
+load, shard, probe, SparseGPT with the veto and the guard, checkpoint), as the kernel counts
+it, against the import-only floor:
 
 * 1 process (parallel=none, micro-batch 2 x 2) against 2 FSDP2 ranks (micro-batch 2 each:
   the same global batches), both fp32: bar (2 ranks - floor) <= 0.6 x (1 process - floor);
@@ -23,7 +24,7 @@ from bench.lib.memory import bare_import_peak_rss
 from bench.lib.ranks import torchrun_module
 from bench.lib.report import markdown_table, run_meta, write_report
 
-CONFIG = "configs/smollm2.yaml"
+CONFIG = "configs/smollm2-50.yaml"
 BAR = 0.6
 MIB = 2**20
 

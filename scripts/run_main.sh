@@ -20,9 +20,8 @@ echo "== GradProbe: SparseGPT with the probe's veto and the guard, 2 ranks, FSDP
 bash launch/torchrun.sh prune --config "$CONFIG" --eval output_dir=$RUN/masks "$@" | tee $RUN/gradprobe.log
 SPARSITY=$(gp inspect $RUN/masks --json | python -c "import json,sys,math; r=json.load(sys.stdin); print(sum(x['pruned'] for x in r)/sum(math.prod(x['shape']) for x in r))")
 echo "== Wanda alone at the same actual sparsity ($SPARSITY): target mode in Wanda's order, no veto, so no gradient pass"
-bash launch/torchrun.sh prune --config "$CONFIG" --quiet prune.mode=target prune.veto=none \
-  prune.guard=false prune.sparsity="$SPARSITY" output_dir=$RUN/wanda
-bash launch/torchrun.sh eval --config "$CONFIG" --masks $RUN/wanda | tee $RUN/wanda.log
+bash launch/torchrun.sh prune --config "$CONFIG" --quiet --eval prune.mode=target prune.veto=none \
+  prune.guard=false prune.sparsity="$SPARSITY" output_dir=$RUN/wanda | tee $RUN/wanda.log
 python - "$RUN" "$SPARSITY" <<'PY'
 import re, sys
 run, sparsity = sys.argv[1], float(sys.argv[2])
@@ -30,7 +29,7 @@ ppl = lambda line: float(re.search(r"perplexity ([0-9.]+)", line).group(1))
 lines = open(f"{run}/gradprobe.log").read().splitlines()
 dense = ppl(next(l for l in lines if l.startswith("before pruning")))
 pruned = ppl(next(l for l in lines if l.startswith("after pruning")))
-wanda = ppl(next(l for l in open(f"{run}/wanda.log").read().splitlines() if "perplexity" in l))
+wanda = ppl(next(l for l in open(f"{run}/wanda.log").read().splitlines() if l.startswith("after pruning")))
 verdict = "better than" if pruned < wanda else "worse than" if pruned > wanda else "equal to"
 print(f"perplexity on the held-apart valid excerpt: dense {dense:.2f} | GradProbe {pruned:.2f} "
       f"| Wanda {wanda:.2f}, both at {100 * sparsity:.2f}% of the prunable weights: GradProbe is "
