@@ -2,8 +2,8 @@
 load, shard, probe, SparseGPT with the veto and the guard, checkpoint), as the kernel counts
 it, against the import-only floor:
 
-* 1 process (parallel=none, micro-batch 2 x 2) against 2 FSDP2 ranks (micro-batch 2 each:
-  the same global batches), both fp32: bar (2 ranks - floor) <= 0.6 x (1 process - floor);
+* 1 process (parallel=none, micro-batch 2 x the config's) against 2 FSDP2 ranks (the
+  config's micro-batch each: the same global batches), both fp32: bar (2 ranks - floor) <= 0.6 x (1 process - floor);
 * 2 FSDP2 ranks in bf16 against fp32: bar (bf16 - floor) <= 0.6 x (fp32 - floor); and how
   often their masks agree.
 
@@ -55,7 +55,10 @@ def main() -> None:
     parser.add_argument("--zero3", action="store_true", help="add a row for 2 ZeRO-3 ranks (fp32)")
     args = parser.parse_args()
     floor = bare_import_peak_rss(["torch", "transformers"]) / MIB
-    runs = [("1 process, fp32", None, ["parallel=none", "data.micro_batch_size=4"], "one"),
+    from gradprobe_dist.pipeline.config import load_config
+
+    global_batch = 2 * load_config(CONFIG, []).data.micro_batch_size  # what 2 ranks read per step
+    runs = [("1 process, fp32", None, ["parallel=none", f"data.micro_batch_size={global_batch}"], "one"),
             ("2 FSDP2 ranks, fp32", 2, [], "fp32"), ("2 FSDP2 ranks, bf16", 2, ["model.dtype=bfloat16"], "bf16")]
     runs += [("2 ZeRO-3 ranks, fp32", 2, ["parallel=zero3"], "zero3")] if args.zero3 else []
     with tempfile.TemporaryDirectory(prefix="main-memory-") as out, ThreadPoolExecutor(len(runs)) as pool:
