@@ -111,15 +111,15 @@ def obs_block(weights: torch.Tensor, hinv: torch.Tensor, mask: torch.Tensor, i1:
     block = weights[:, i1:i2].clone()  # contiguous working copy, written back at the end
     hinv1 = hinv[i1:i2, i1:i2]
     block_mask = mask[:, i1:i2]
-    errors = torch.empty_like(block.T)  # column i's error in row i: contiguous
-    diagonal = torch.diag(hinv1).tolist()
+    errors = block.new_empty(block.shape[1], block.shape[0])  # column i's error in row i
+    zero, diagonal = block.new_zeros(()), torch.diag(hinv1).tolist()
     width = i2 - i1
     for j1 in range(0, width, step):
         j2 = min(j1 + step, width)
         for i in range(j1, j2):
             if choose is not None:
                 choose(block, hinv1, block_mask, i)
-            err = torch.mul(block[:, i], block_mask[:, i], out=errors[i]).div_(diagonal[i])
+            err = torch.where(block_mask[:, i], block[:, i], zero, out=errors[i]).div_(diagonal[i])
             block[:, i:j2].addr_(err, hinv1[i, i:j2], alpha=-1.0)
             block[:, i].masked_fill_(block_mask[:, i], 0.0)  # exactly zero, not a rounding residue
         block[:, j2:].addmm_(errors[j1:j2].T, hinv1[j1:j2, j2:], alpha=-1.0)
