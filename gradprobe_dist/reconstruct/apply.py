@@ -25,17 +25,26 @@ from gradprobe_dist.reconstruct.obs import accumulate_hessian, reconstruct_with_
 @contextmanager
 def collect_input_hessians(owners: dict[str, nn.Module]):
     """Yield name -> [H, n_seen] running means of 2 x x^T for every Linear layer in ``owners``
-    (``nn.Linear`` and GPT-2's transposed ``Conv1D``, whose input is ``[..., in]`` too)."""
+    (``nn.Linear`` and GPT-2's transposed ``Conv1D``, whose input is ``[..., in]`` too).
+
+    Layers fed the very same input tensor (a LLaMA block's q/k/v, its gate/up) share one
+    entry, folded once: the same matrices, at 4 instead of 7 per block."""
     hessians: dict[str, list] = {}
     handles = []
+    last: dict = {"input": None, "entry": None}  # the input folded most recently, and where
 
     def make_hook(name: str):
         def hook(module, inputs):
+            if inputs[0] is last["input"]:
+                hessians.setdefault(name, last["entry"])
+                if hessians[name] is last["entry"]:
+                    return
             x = inputs[0].detach().float()
             if name not in hessians:
                 hessians[name] = [torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0]
             entry = hessians[name]
             entry[1] = accumulate_hessian(entry[0], x, entry[1])
+            last["input"], last["entry"] = inputs[0], entry
         return hook
 
     try:
@@ -46,15 +55,19 @@ def collect_input_hessians(owners: dict[str, nn.Module]):
     finally:
         for h in handles:
             h.remove()
+        last.clear()
 
 
 def average_over_ranks(hessians: dict[str, list], backend: Backend) -> dict[str, torch.Tensor]:
-    """Combine every rank's running means, weighted by how many inputs each rank saw."""
-    out = {}
+    """Combine every rank's running means, weighted by how many inputs each rank saw; a
+    shared entry is combined once and stays shared."""
+    out, done = {}, {}
     for name in sorted(hessians):  # the same order on every rank
         H, n = hessians[name]
-        total = backend.sum_over_ranks(torch.tensor([float(n)], dtype=torch.float64, device=H.device))
-        out[name] = backend.sum_over_ranks(H * n) / float(total)
+        if id(hessians[name]) not in done:
+            total = backend.sum_over_ranks(torch.tensor([float(n)], dtype=torch.float64, device=H.device))
+            done[id(hessians[name])] = backend.sum_over_ranks(H * n) / float(total)
+        out[name] = done[id(hessians[name])]
     return out
 
 
