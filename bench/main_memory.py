@@ -82,10 +82,10 @@ def main() -> None:
                            [("run", "run", "s"), ("ranks", "ranks", "d"), ("wall_s", "wall s (runs side by side)", ".0f"),
                             ("peak_rss_mib_per_rank", "peak RSS per rank (MiB)", ".0f"),
                             ("above_floor_mib", "above the import floor (MiB)", ".0f")])
-    lines = [table, "", f"2 FSDP2 ranks / 1 process, above the floor: {ratios['fsdp2_ranks_vs_1_process']:.2f} "
+    lines = [table, "", f"2 FSDP2 ranks / 1 process, above the floor: {ratios['fsdp2_ranks_vs_1_process']:.3f} "
                         f"(bar <= {BAR})",
-             f"bf16 / fp32 per rank, above the floor: {ratios['bf16_vs_fp32_per_rank']:.2f} (bar <= {BAR})",
-             *([f"2 ZeRO-3 ranks / 1 process, above the floor: {ratios['zero3_ranks_vs_1_process']:.2f}"]
+             f"bf16 / fp32 per rank, above the floor: {ratios['bf16_vs_fp32_per_rank']:.3f} (bar <= {BAR})",
+             *([f"2 ZeRO-3 ranks / 1 process, above the floor: {ratios['zero3_ranks_vs_1_process']:.3f}"]
                if args.zero3 else []),
              f"bf16 and fp32 masks decide alike on {100 * same_masks:.2f}% of the prunable weights",
              f"settings: {CONFIG}, prune.num_batches={args.num_batches}"]
