@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from bench.lib.memory import bare_import_peak_rss
 from bench.lib.ranks import torchrun_module
 from bench.lib.report import markdown_table, run_meta, write_report
+from gradprobe_dist.pipeline.config import load_config
 
 CONFIG = "configs/smollm2-50.yaml"
 BAR = 0.6
@@ -55,8 +56,6 @@ def main() -> None:
     parser.add_argument("--zero3", action="store_true", help="add a row for 2 ZeRO-3 ranks (fp32)")
     args = parser.parse_args()
     floor = bare_import_peak_rss(["torch", "transformers"]) / MIB
-    from gradprobe_dist.pipeline.config import load_config
-
     global_batch = 2 * load_config(CONFIG, []).data.micro_batch_size  # what 2 ranks read per step
     runs = [("1 process, fp32", None, ["parallel=none", f"data.micro_batch_size={global_batch}"], "one"),
             ("2 FSDP2 ranks, fp32", 2, [], "fp32"), ("2 FSDP2 ranks, bf16", 2, ["model.dtype=bfloat16"], "bf16")]

