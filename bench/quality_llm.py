@@ -10,7 +10,8 @@ mode over Wanda (Wanda's order, the probe vetoing ``--veto`` of the candidates, 
 guard), GradProbe ``mode="sparsegpt"`` with the probe's veto and the guard (the shipped
 configs' settings, here in one shot over all layers, not in stages), and GradProbe threshold mode
 (unstructured targets only), which stops short of the target, so Wanda and SparseGPT are run
-again at its actual sparsity. Every row of a group has the same actual sparsity (asserted).
+again at its actual sparsity; as an option (``--methods ... iterative``, unstructured only),
+``iterative_prune``'s target mode over Wanda in ``--rounds`` cubic rounds. Every row of a group has the same actual sparsity (asserted).
 
     python -m bench.quality_llm [--smoke] [--targets 0.5 2:4] [--seeds 0] [--out bench/results]
     python -m bench.quality_llm --merge RUN_DIR [RUN_DIR ...] [--out bench/results]
@@ -46,6 +47,7 @@ from bench.lib.report import markdown_table, run_meta, spread, write_report  # n
 from gradprobe_dist.data.shards import bundled_text_path  # noqa: E402
 from gradprobe_dist.parallel.local import LocalBackend  # noqa: E402
 from gradprobe_dist.pipeline.evaluate import evaluate  # noqa: E402
+from gradprobe_dist.pipeline.iterative import iterative_prune  # noqa: E402
 from gradprobe_dist.probe.gradprobe import GradProbe  # noqa: E402
 from gradprobe_dist.probe.params import find_prunable  # noqa: E402
 from gradprobe_dist.strategies import WandaPruning  # noqa: E402
@@ -133,6 +135,13 @@ def run_target(dense: nn.Module, target: str, args, calibration: methods.Calibra
                           veto_fraction=args.veto, guard=args.guard)
         record(target, f"GradProbe sparsegpt ({probe_label(args)})", model, time.perf_counter() - start,
                guard=probe.guard_report)
+    if "iterative" in wanted and pattern is None:  # a schedule cannot ramp up an N:M pattern
+        model, start = copy.deepcopy(dense), time.perf_counter()
+        iterative_prune(GradProbe(model, WandaPruning()), batches, target=sparsity, rounds=args.rounds,
+                        num_batches=len(batches), reduction_factor=args.reduction_factor,
+                        oversample=args.oversample)
+        record(target, f"GradProbe iterative ({args.rounds} cubic rounds, target mode over Wanda, "
+               f"oversample {args.oversample:g}, r {args.reduction_factor:g})", model, time.perf_counter() - start)
     if "threshold" in wanted and pattern is None:
         model, start = copy.deepcopy(dense), time.perf_counter()
         gradprobe(model, batches, sparsity, None, args, mode="threshold", gradient_threshold=0.0)
@@ -241,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--targets", nargs="+", default=["0.5", "2:4"], help="sparsities and/or N:M, e.g. 0.3 0.5 0.6 2:4")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="calibration seeds, e.g. 0 1 2")
     parser.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "target", "sparsegpt_veto", "threshold"],
-                        choices=["magnitude", "wanda", "sparsegpt", "target", "sparsegpt_veto", "threshold"])
+                        choices=["magnitude", "wanda", "sparsegpt", "target", "sparsegpt_veto", "threshold", "iterative"])
+    parser.add_argument("--rounds", type=int, default=3, help="iterative mode's rounds (method iterative)")
     parser.add_argument("--batches", type=int, default=8, help="calibration batches")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--context", type=int, default=128, help="tokens per calibration window")

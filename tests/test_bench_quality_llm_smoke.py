@@ -38,3 +38,13 @@ def test_merge_joins_seeds_into_mean_and_std(tmp_path):
     assert row["seeds"] == 2 and abs(row["perplexity_mean"] - sum(wanda) / 2) < 1e-9
     assert row["perplexity_std"] > 0  # two calibration seeds give two Wanda masks
     assert (tmp_path / "all" / "quality_llm.png").stat().st_size > 0
+
+
+def test_iterative_rounds_reach_the_target(tmp_path):
+    """The optional iterative row: rounds over Wanda's candidates end at exactly the target,
+    in the target's group beside Wanda (the bench asserts equal sparsity within a group)."""
+    rows = quality_llm.main(["--smoke", "--out", str(tmp_path), "--targets", "0.5", "2:4", "--rounds", "2",
+                             "--methods", "wanda", "iterative"])["rows"]
+    iterative = [r for r in rows if r["method"].startswith("GradProbe iterative (2 cubic rounds")]
+    assert [r["group"] for r in iterative] == ["0.5"]  # no N:M schedule
+    assert abs(iterative[0]["sparsity"] - 0.5) < 1e-6

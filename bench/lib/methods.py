@@ -19,7 +19,7 @@ import torch.nn as nn
 from gradprobe_dist import Allocation, MagnitudePruning, PruningStrategy, RandomPruning, WandaPruning
 from gradprobe_dist.probe.decision import lowest_in_groups
 from gradprobe_dist.probe.params import find_prunable
-from gradprobe_dist.reconstruct.apply import collect_input_hessians
+from gradprobe_dist.reconstruct.hessians import collect_input_hessians
 from gradprobe_dist.reconstruct.obs import reconstruct_with_mask
 from gradprobe_dist.reconstruct.pruner import SparseGPT
 from gradprobe_dist.strategies import SelectionContext

@@ -83,6 +83,15 @@ class Collectives:
         """``[world_size, *tensor.shape]``: every rank's ``tensor`` (same shape), in rank order."""
         return tensor.unsqueeze(0)
 
+    def reduce(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
+        """Sum every rank's ``tensor`` into ``dst``'s, in place (the others' are left
+        unspecified); returns it."""
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """``src``'s ``tensor`` into every rank's (same shape and dtype), in place; returns it."""
+        return tensor
+
     def broadcast_object(self, obj):
         """The main rank's picklable ``obj`` on every rank."""
         return obj
@@ -166,6 +175,15 @@ class Backend(ABC):
     def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum every rank's ``tensor`` (e.g. statistics of each rank's own micro-batches)."""
         return self.collectives.all_reduce(tensor, "sum")
+
+    def sum_to_rank(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
+        """Sum every rank's ``tensor`` into rank ``dst``'s, in place; on the other ranks it
+        is left unspecified (for a result only its owner keeps)."""
+        return self.collectives.reduce(tensor, dst)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Rank ``src``'s ``tensor`` into every rank's, in place; returns it."""
+        return self.collectives.broadcast(tensor, src)
 
     def sum_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a count over the shards of the weights: over ranks when each holds a part,

@@ -74,6 +74,20 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack(pieces).to(tensor.device)
 
 
+def reduce(tensor: torch.Tensor, dst: int) -> torch.Tensor:
+    """Sum every rank's ``tensor`` into ``dst``'s, in place; the others' are left unspecified."""
+    moved = tensor if tensor.device == comm_device() else tensor.to(comm_device())
+    dist.reduce(moved, dst=dst)
+    return tensor if moved is tensor else tensor.copy_(moved)
+
+
+def broadcast(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """``src``'s ``tensor`` into every rank's (same shape and dtype), in place."""
+    moved = tensor if tensor.device == comm_device() else tensor.to(comm_device())
+    dist.broadcast(moved, src=src)
+    return tensor if moved is tensor else tensor.copy_(moved)
+
+
 def broadcast_object(obj, src: int = 0):
     """``src``'s picklable ``obj`` on every rank."""
     box = [obj]
@@ -225,6 +239,12 @@ class ProcessGroup(Collectives):
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_gather(tensor)
+
+    def reduce(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
+        return reduce(tensor, dst)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        return broadcast(tensor, src)
 
     def broadcast_object(self, obj):
         return broadcast_object(obj, src=0)

@@ -40,6 +40,10 @@ from gradprobe_dist.runtime.log import get_logger
 log = get_logger(__name__)
 
 
+#: elements per gradient-reduction bucket (64 MiB of fp32)
+BUCKET_ELEMENTS = 2**24
+
+
 def zero3_config(micro_batch_size: int) -> dict:
     """The DeepSpeed config under which local edits are seen by the next forward."""
     return {
@@ -50,6 +54,9 @@ def zero3_config(micro_batch_size: int) -> dict:
             "stage": 3,
             "stage3_param_persistence_threshold": 0,  # no small weight stays gathered
             "stage3_max_reuse_distance": 0,  # nothing is kept gathered for reuse
+            # DeepSpeed's default (5e8 elements) is a 2 GB gradient bucket, of which a backward
+            # touches every trainable weight's worth before it reduces
+            "reduce_bucket_size": BUCKET_ELEMENTS,
         },
     }
 

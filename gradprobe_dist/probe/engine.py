@@ -26,18 +26,19 @@ from gradprobe_dist.probe import stats as statistics
 from gradprobe_dist.probe.batches import LossOfBatch, to_device
 from gradprobe_dist.probe.prefix import FrozenPrefix
 from gradprobe_dist.probe.record import LayerProbe
-from gradprobe_dist.reconstruct.apply import average_over_ranks, collect_input_hessians
+from gradprobe_dist.reconstruct.hessians import Hessians, average_over_ranks, collect_input_hessians
 from gradprobe_dist.strategies.activations import collect_input_sq_norms
 
 
 @dataclass
 class Baseline:
     """What the baseline pass measured: the statistic per weight, this rank's input-feature
-    norms (for activation-aware strategies) and the rank-averaged input Hessians (or None)."""
+    norms (for activation-aware strategies) and the rank-averaged input Hessians (or None),
+    each matrix on its owner rank."""
 
     stats: dict[str, torch.Tensor]
     input_sq_norms: dict[str, torch.Tensor]
-    hessians: dict[str, torch.Tensor] | None
+    hessians: Hessians | None
 
 
 class ProbeEngine:

@@ -6,10 +6,14 @@ collectives, so it can be taken, retaken (a threshold sweep) or checkpointed in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from gradprobe_dist.parallel.base import LocalSlice
+
+if TYPE_CHECKING:
+    from gradprobe_dist.reconstruct.hessians import Hessians
 
 
 def prune_decision(old: torch.Tensor, new: torch.Tensor, gradient_threshold: float) -> torch.Tensor:
@@ -66,8 +70,9 @@ class ProbeRecord:
     #: where each rank's local part sits in the full weight (full sizes, layout)
     slices: dict[str, LocalSlice]
     #: per Linear layer, H = 2 X X^T of its calibration inputs (only when asked for, to
-    #: reconstruct the kept weights after the decision; see ``gradprobe_dist.reconstruct``)
-    hessians: dict[str, torch.Tensor] | None = None
+    #: reconstruct the kept weights after the decision; each matrix on its owner rank, see
+    #: ``gradprobe_dist.reconstruct.hessians``)
+    hessians: Hessians | None = None
     #: sparsity per layer when an allocation spread the target unevenly (None: uniform)
     layer_sparsity: dict[str, float] | None = None
     #: (N, M) when the strategy prunes N of every M consecutive input weights

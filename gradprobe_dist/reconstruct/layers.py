@@ -11,11 +11,12 @@ and scattered back, one layer at a time, so memory stays bounded by one layer.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
 from gradprobe_dist.parallel.base import Backend, LocalSlice
+from gradprobe_dist.reconstruct.hessians import Hessians, as_hessians
 from gradprobe_dist.reconstruct.sparsegpt import sparsegpt_layers
 
 #: layers swept in lockstep (their float32 copies live at once); one selection per block covers them
@@ -55,7 +56,7 @@ def on_main(backend: Backend, name: str, tensors: list[torch.Tensor], transposed
     return [backend.scatter_full(name, results[i] if results is not None else None) for i in range(outputs)]
 
 
-def sparsegpt_masks(backend: Backend, hessians: dict[str, torch.Tensor], sparsity: float, *,
+def sparsegpt_masks(backend: Backend, hessians: Hessians | Mapping[str, torch.Tensor], sparsity: float, *,
                     nm: tuple[int, int] | None = None, vetoes: dict[str, torch.Tensor] | None = None,
                     transposed: frozenset[str] = frozenset(), blocksize: int = 128,
                     percdamp: float = 0.01) -> dict[str, torch.Tensor]:
@@ -66,7 +67,8 @@ def sparsegpt_masks(backend: Backend, hessians: dict[str, torch.Tensor], sparsit
     them (see ``sparsegpt.py``). A collective: every rank passes the same names.
     """
     vetoes = vetoes or {}
-    names = sorted(hessians)  # the same order on every rank
+    hessians = as_hessians(hessians)
+    names = list(hessians)  # sorted: the same order on every rank
     masks: dict[str, torch.Tensor] = {}
     in_place = [n for n in names if works_in_place(backend.local_slice(n), n in transposed)]
     for start in range(0, len(in_place), LAYERS_AT_ONCE):
@@ -74,7 +76,7 @@ def sparsegpt_masks(backend: Backend, hessians: dict[str, torch.Tensor], sparsit
         weights = [backend.local_weight(n) for n in chunk]
         results = sparsegpt_layers(
             [as_rows(w, n in transposed) for w, n in zip(weights, chunk)],
-            [hessians[n] for n in chunk], sparsity, nm=nm,
+            hessians.fetch(chunk), sparsity, nm=nm,
             vetoes=[as_rows(vetoes[n], n in transposed) if n in vetoes else None for n in chunk],
             blocksize=blocksize, percdamp=percdamp,
             select_each=backend.select_smallest_each, sum_counts=backend.sum_over_shards)
@@ -85,9 +87,10 @@ def sparsegpt_masks(backend: Backend, hessians: dict[str, torch.Tensor], sparsit
     for n in (n for n in names if n not in masks):
         weight = backend.local_weight(n)
         local = [weight] + ([vetoes[n]] if n in vetoes else [])
+        (H,) = hessians.fetch([n])
 
-        def prune(w, veto=None, n=n):
-            return list(sparsegpt_layers([w], [hessians[n]], sparsity, nm=nm, vetoes=[veto],
+        def prune(w, veto=None, H=H):
+            return list(sparsegpt_layers([w], [H], sparsity, nm=nm, vetoes=[veto],
                                          blocksize=blocksize, percdamp=percdamp)[0])
 
         new, mask = on_main(backend, n, local, n in transposed, prune, outputs=2)

@@ -8,7 +8,7 @@ with one transformer block per stage for the sequential variant of the reference
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.parallel.local import LocalBackend
 from gradprobe_dist.probe.batches import LossOfBatch, make_loss_of_batch, take_batches, to_device
 from gradprobe_dist.probe.params import find_prunable
-from gradprobe_dist.reconstruct.apply import average_over_ranks, collect_input_hessians
+from gradprobe_dist.reconstruct.hessians import Hessians, average_over_ranks, collect_input_hessians
 from gradprobe_dist.reconstruct.layers import sparsegpt_masks
 from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.strategies.base import parse_pattern, transposed_names
@@ -68,8 +68,9 @@ class SparseGPT:
         return self.masks
 
     def hessians(self, dataloader: Iterable, num_batches: int, loss_fn: Callable | None = None,
-                 compute_loss: LossOfBatch | None = None) -> dict[str, torch.Tensor]:
-        """One forward pass over ``num_batches`` batches; every layer's H, averaged over ranks."""
+                 compute_loss: LossOfBatch | None = None) -> Hessians:
+        """One forward pass over ``num_batches`` batches; every layer's H, averaged over ranks
+        onto its owner rank (see ``reconstruct.hessians``)."""
         batches = take_batches(dataloader, num_batches)
         loss_of = make_loss_of_batch(loss_fn, compute_loss)
         modes = {m: m.training for m in self.model.modules()}
@@ -89,7 +90,7 @@ class SparseGPT:
                 module.training = training
             self.backend.release()
 
-    def prune_from(self, hessians: dict[str, torch.Tensor], sparsity: float,
+    def prune_from(self, hessians: Hessians | Mapping[str, torch.Tensor], sparsity: float,
                    vetoes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """SparseGPT on the current (dense) weights from given Hessians; see ``layers``."""
         self.backend.prepare(self.model, self.param_names)  # where the shards live

@@ -1,0 +1,92 @@
+"""Input Hessians: layers fed one tensor share a matrix; averaged over real gloo ranks, each
+matrix lives on one owner rank only (owners balanced by size), and ``fetch`` brings every
+rank the matrix one process gets from all the ranks' inputs."""
+import torch
+import torch.nn as nn
+
+from gradprobe_dist.parallel import build_backend
+from gradprobe_dist.parallel.local import LocalBackend
+from gradprobe_dist.reconstruct.hessians import (Hessians, as_hessians, average_over_ranks, balanced_owners,
+                                                 collect_input_hessians)
+from gradprobe_dist.reconstruct.obs import accumulate_hessian
+from multiproc import run_ranks
+
+
+class Block(nn.Module):
+    """q/k read one tensor (one shared matrix), ``up`` a wider one, ``out`` a third."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.up, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.q(x) + self.k(x))
+        return self.out(torch.relu(self.up(h)))
+
+
+def _batches(rank=0, world=1):
+    """4 batches of 8 rows (rank r: its r-th share of each; rank 1's shares are uneven)."""
+    g = torch.Generator().manual_seed(1)
+    cuts = [0, 8] if world == 1 else [0, 3, 8]
+    return [x[cuts[rank]:cuts[rank + 1]] for x in (torch.randn(8, 6, generator=g) for _ in range(4))]
+
+
+def _collect(block, batches):
+    owners = {"q": block.q, "k": block.k, "up": block.up, "out": block.out}
+    with torch.no_grad(), collect_input_hessians(owners) as local:
+        for x in batches:
+            block(x)
+    return local
+
+
+def test_layers_fed_the_same_input_share_one_hessian():
+    """q/k reading one tensor share a single entry (folded once), with the matrix each would
+    get alone; a layer fed another tensor keeps its own."""
+    block, batches = Block(), _batches()
+    local = _collect(block, batches)
+    assert local["q"] is local["k"] and local["q"] is not local["up"]
+    hessians = average_over_ranks(local, LocalBackend())
+    q, k, up = hessians.fetch(["q", "k", "up"])
+    assert q is k and q is not up
+    alone, seen = torch.zeros(6, 6), 0
+    for x in batches:
+        seen = accumulate_hessian(alone, x, seen)
+    torch.testing.assert_close(q, alone)
+
+
+def test_owners_are_balanced_by_size():
+    """Largest first to the least-loaded rank: a LLaMA-like block's large down_proj matrix
+    does not land on the same rank block after block (round-robin would put all on rank 0)."""
+    sizes = [9, 1, 1, 1] * 6  # per block: down_proj, gate/up, o, q/k/v
+    owners = balanced_owners(sizes, 2)
+    loads = [sum(s for s, o in zip(sizes, owners) if o == r) for r in range(2)]
+    assert loads == [36, 36]
+    assert sorted(set(owners[::4])) == [0, 1]
+    assert balanced_owners([5, 5, 5], 1) == [0, 0, 0]
+    assert balanced_owners([3, 2, 2], 3) == [0, 1, 2]
+
+
+def _ranked(rank, world):
+    backend = build_backend("ddp", torch.device("cpu"))  # its collectives; no model needed
+    hessians = average_over_ranks(_collect(Block(), _batches(rank, world)), backend)
+    return hessians.held_bytes(), {n: t.clone() for n, t in zip(hessians, hessians.fetch(list(hessians)))}
+
+
+def test_two_ranks_hold_each_matrix_once_and_fetch_the_global_mean():
+    (held0, got0), (held1, got1) = (run_ranks(_ranked, 2)[r] for r in range(2))
+    reference = average_over_ranks(_collect(Block(), _batches()), LocalBackend())
+    total = reference.held_bytes()
+    assert total == 4 * (6 * 6 + 16 * 16 + 6 * 6)  # 3 matrices for 4 layers, each once
+    assert held0 + held1 == total and 0 < held0 < total and 0 < held1 < total
+    for name, H in zip(reference, reference.fetch(list(reference))):
+        torch.testing.assert_close(got0[name], H, msg=lambda m: f"rank 0 {name}: {m}")
+        assert torch.equal(got0[name], got1[name]), name
+
+
+def test_a_plain_mapping_is_taken_as_replicated():
+    H = torch.eye(3)
+    hessians = as_hessians({"b": H, "a": 2 * H})
+    assert list(hessians) == ["a", "b"] and "b" in hessians and len(hessians) == 2
+    assert hessians.fetch(["b"])[0] is H
+    assert as_hessians(hessians) is hessians and isinstance(hessians, Hessians)
