@@ -11,7 +11,8 @@ guard), GradProbe ``mode="sparsegpt"`` with the probe's veto and the guard (the 
 configs' settings, here in one shot over all layers, not in stages), and GradProbe threshold mode
 (unstructured targets only), which stops short of the target, so Wanda and SparseGPT are run
 again at its actual sparsity; as an option (``--methods ... iterative``, unstructured only),
-``iterative_prune``'s target mode over Wanda in ``--rounds`` cubic rounds. Every row of a group has the same actual sparsity (asserted).
+``iterative_prune``'s target mode over Wanda in ``--rounds`` cubic rounds (guarded as the
+other GradProbe rows unless ``--no-guard``). Every row of a group has the same actual sparsity (asserted).
 
     python -m bench.quality_llm [--smoke] [--targets 0.5 2:4] [--seeds 0] [--out bench/results]
     python -m bench.quality_llm --merge RUN_DIR [RUN_DIR ...] [--out bench/results]
@@ -137,11 +138,13 @@ def run_target(dense: nn.Module, target: str, args, calibration: methods.Calibra
                guard=probe.guard_report)
     if "iterative" in wanted and pattern is None:  # a schedule cannot ramp up an N:M pattern
         model, start = copy.deepcopy(dense), time.perf_counter()
-        iterative_prune(GradProbe(model, WandaPruning()), batches, target=sparsity, rounds=args.rounds,
-                        num_batches=len(batches), reduction_factor=args.reduction_factor,
-                        oversample=args.oversample)
+        probe = GradProbe(model, WandaPruning())
+        iterative_prune(probe, batches, target=sparsity, rounds=args.rounds, num_batches=len(batches),
+                        reduction_factor=args.reduction_factor, oversample=args.oversample, guard=args.guard)
         record(target, f"GradProbe iterative ({args.rounds} cubic rounds, target mode over Wanda, "
-               f"oversample {args.oversample:g}, r {args.reduction_factor:g})", model, time.perf_counter() - start)
+               f"oversample {args.oversample:g}, r {args.reduction_factor:g}, "
+               + ("guard)" if args.guard else "no guard)"), model, time.perf_counter() - start,
+               guard=probe.guard_report)
     if "threshold" in wanted and pattern is None:
         model, start = copy.deepcopy(dense), time.perf_counter()
         gradprobe(model, batches, sparsity, None, args, mode="threshold", gradient_threshold=0.0)

@@ -250,6 +250,8 @@ def test_a_different_schedule_is_refused_naming_the_field(tmp_path, change, fiel
     ({"oversample": 0.5}, ValueError, "oversample"),
     ({"target": 1.0}, ValueError, "target"),
     ({"num_batches": 0}, ValueError, "num_batches"),
+    ({"guard": True, "finetune": lambda model, number: None}, ValueError, "finetune"),
+    ({"guard": True, "mode": "threshold"}, ValueError, "target mode"),
 ])
 def test_bad_input_is_refused_before_any_probing(kwargs, error, match):
     model = _model()
@@ -257,3 +259,38 @@ def test_bad_input_is_refused_before_any_probing(kwargs, error, match):
     with pytest.raises(error, match=match):
         _run(model=model, **kwargs)
     assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+
+
+def _calibration_loss(model) -> float:
+    with torch.no_grad():
+        return sum(float(LOSS(model(x), y)) for x, y in _batches()) / BATCHES
+
+
+@pytest.mark.parametrize("strategy", [MagnitudePruning(), WandaPruning()])
+def test_guard_keeps_whichever_of_rounds_and_strategy_has_the_lower_calibration_loss(strategy):
+    """The guarded run ends with exactly the rounds' masks or exactly the strategy's own, the
+    one whose calibration loss the report shows lower, on the dense values elsewhere."""
+    dense = _weights(_model())
+    rounds_probe, _ = _run(strategy=strategy)
+    alone = GradProbe(_model(), strategy)
+    alone_masks = alone.prune_by_strategy(_batches(), LOSS, 0.75, BATCHES)
+    probe, rows = _run(strategy=strategy, guard=True)
+    report = probe.guard_report
+    assert [r["sparsity"] for r in rows][-1] == pytest.approx(0.75, abs=1e-3)
+    assert report["veto_loss"] == pytest.approx(_calibration_loss(rounds_probe.model), rel=1e-5)
+    assert report["strategy_loss"] == pytest.approx(_calibration_loss(alone.model), rel=1e-5)
+    kept = rounds_probe.masks if report["kept"] == "probe rounds" else alone_masks
+    assert report["kept"] == ("probe rounds" if report["veto_loss"] < report["strategy_loss"] else "strategy")
+    assert kept.keys() == probe.masks.keys()
+    params = dict(probe.model.named_parameters())
+    for name, mask in kept.items():
+        assert torch.equal(probe.masks[name], mask), name
+        assert (params[name][mask] == 0).all() and torch.equal(params[name][~mask], dense[name][~mask]), name
+    assert _calibration_loss(probe.model) == pytest.approx(min(report["veto_loss"], report["strategy_loss"]), rel=1e-5)
+
+
+def test_guard_can_go_either_way():
+    """Both verdicts happen on these subjects (else the test above checks one branch only)."""
+    verdicts = {_run(model=_model(seed), strategy=strategy, guard=True)[0].guard_report["kept"]
+                for seed in range(4) for strategy in (MagnitudePruning(), WandaPruning())}
+    assert verdicts == {"probe rounds", "strategy"}

@@ -26,9 +26,10 @@ from gradprobe_dist.checkpoint.format import (RATIO_KEY, CheckpointMismatchError
 from gradprobe_dist.checkpoint.relay import RankZeroCheckpoint, lock_directory, on_main
 from gradprobe_dist.pipeline.rounds import (Round, decided_ratios, layer_counts, plan_rounds, round_dir,
                                             round_masks, round_stats, run_rounds, without_nan)
-from gradprobe_dist.probe.batches import LossOfBatch, take_batches
+from gradprobe_dist.probe.batches import LossOfBatch, make_loss_of_batch, take_batches
 from gradprobe_dist.probe.record import ProbeRecord
 from gradprobe_dist.probe.gradprobe import GradProbe
+from gradprobe_dist.probe.guard import guarded
 from gradprobe_dist.probe.validation import check_mode, check_prune_args
 from gradprobe_dist.runtime.log import get_logger
 
@@ -44,7 +45,7 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
                     reduction_factor: float = 0.1, gradient_threshold: float = 0.0,
                     mode: str = "target", oversample: float = 1.5, target_scope: str = "layer",
                     finetune: Callable[[nn.Module, int], None] | None = None,
-                    checkpoint_dir: str | Path | None = None,
+                    checkpoint_dir: str | Path | None = None, guard: bool = False,
                     compute_loss: LossOfBatch | None = None, verbose: bool = False) -> list[dict]:
     """Prune ``probe.model`` to ``target`` in ``rounds`` probe rounds; returns one row per
     round: ``round``, ``schedule`` (s_r), ``sparsity`` (pruned / prunable weights),
@@ -56,6 +57,12 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
     re-applied after it returns whatever it did). Seed it from ``round`` for a resumed run to
     end identical to an uninterrupted one. The model ends pruned with those hooks installed
     (``probe.remove_mask_hooks()`` takes them off) and ``probe.masks`` holding every mask.
+
+    ``guard=True`` (no ``finetune``): the strategy's own masks at ``target``
+    (``prune_by_strategy``) are tried after the rounds on the same batches, and the rounds'
+    masks are kept only when their calibration loss is strictly lower (``probe.guard_report``
+    says which; a copy of the prunable weights is held meanwhile). The rounds' rows are
+    returned either way.
     """
     plan = plan_rounds(target, rounds, schedule, oversample if mode == "target" else 1.0)
     check_prune_args(target, num_batches, reduction_factor, gradient_threshold)
@@ -67,6 +74,12 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
     if finetune is not None and not callable(finetune):
         raise TypeError(f"finetune must be a callable finetune(model, round) or None, got "
                         f"{type(finetune).__name__}")
+    if guard and mode != "target":
+        raise ValueError(f"guard compares masks at the same sparsity, which only target mode's rounds "
+                         f"reach exactly (got mode={mode!r}): use mode='target' or drop guard")
+    if guard and finetune is not None:
+        raise ValueError("guard compares the rounds' masks with the strategy's own on the same "
+                         "weights, but finetune changes them between rounds: drop one of the two")
     if finetune is not None and checkpoint_dir is not None and not probe.backend.replicated:
         raise ValueError(f"checkpointing fine-tuned weights under the sharded backend "
                          f"{probe.backend.name!r} is the training framework's job: pass "
@@ -84,7 +97,27 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
         steps = LibraryRounds(probe, batches, settings, checkpoint_dir, loss_fn=loss_fn, finetune=finetune,
                               compute_loss=compute_loss, verbose=verbose,
                               gradient_threshold=gradient_threshold, target_scope=target_scope)
-        run_rounds(plan, steps, restart=False)
+
+        def rounds_or_alone(rounds: bool) -> dict[str, torch.Tensor]:
+            if rounds:
+                run_rounds(plan, steps, restart=False)
+            else:  # the rounds' hooks would zero their masks in the strategy's forwards
+                probe.remove_mask_hooks()
+                probe.prune_by_strategy(batches, loss_fn, target, num_batches, compute_loss=compute_loss)
+            return dict(probe.masks)
+
+        if guard:
+            probe.engine.ensure_prepared()
+            probe.masks, probe.guard_report = guarded(
+                probe.engine, probe.param_names, batches, make_loss_of_batch(loss_fn, compute_loss),
+                rounds_or_alone, None, probe_label="probe rounds")
+            probe.apply_mask_permanently()
+            if probe.backend.is_main:
+                log.info("guard (rank 0): calibration loss %.5f after the rounds, %.5f with the strategy "
+                         "alone: keeping the %s masks", probe.guard_report["veto_loss"],
+                         probe.guard_report["strategy_loss"], probe.guard_report["kept"])
+        else:
+            rounds_or_alone(True)
     finally:
         if lock is not None:
             lock.release()

@@ -309,10 +309,11 @@ def _guarded(probe: GradProbe, record: ProbeRecord, sparsity: float, batches: li
     if mode == "target" and not isinstance(probe.strategy, ScoredStrategy):
         raise ValueError(f"guard needs the strategy's own order, but {probe.strategy.get_name()} "
                          "gives no scores: implement scores() (see ScoredStrategy) or drop guard")
+    updates_weights = mode == "sparsegpt" or options.get("reconstruct", False)
     kept, probe.guard_report = guarded(
-        probe.engine, record, batches, loss_of,
+        probe.engine, record.layers, batches, loss_of,
         lambda veto: _decide(probe, record, sparsity, mode=mode, veto=veto, **options),
-        updates_weights=mode == "sparsegpt" or options.get("reconstruct", False))
+        None if updates_weights else lambda vetoed: probe.engine.apply_masks(record.layers, vetoed.masks))
     probe.masks, probe.equivalent_threshold = kept.masks, kept.equivalent_threshold
     if probe.backend.is_main:
         log.info("guard (rank 0): calibration loss %.5f with the probe's veto, %.5f without: keeping "
