@@ -60,8 +60,8 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
 
     ``guard=True`` (no ``finetune``): the strategy's own masks at ``target``
     (``prune_by_strategy``) are tried after the rounds on the same batches, and the rounds'
-    masks are kept only when their calibration loss is strictly lower (``probe.guard_report``
-    says which; a copy of the prunable weights is held meanwhile). The rounds' rows are
+    masks are kept only when their calibration loss is clearly lower (``probe.guard``;
+    ``probe.guard_report`` says which; a copy of the prunable weights is held meanwhile). The rounds' rows are
     returned either way.
     """
     plan = plan_rounds(target, rounds, schedule, oversample if mode == "target" else 1.0)
@@ -114,8 +114,9 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
             probe.apply_mask_permanently()
             if probe.backend.is_main:
                 log.info("guard (rank 0): calibration loss %.5f after the rounds, %.5f with the strategy "
-                         "alone: keeping the %s masks", probe.guard_report["veto_loss"],
-                         probe.guard_report["strategy_loss"], probe.guard_report["kept"])
+                         "alone (standard error of the difference %.5f): keeping the %s masks",
+                         probe.guard_report["veto_loss"], probe.guard_report["strategy_loss"],
+                         probe.guard_report["difference_se"], probe.guard_report["kept"])
         else:
             rounds_or_alone(True)
     finally:

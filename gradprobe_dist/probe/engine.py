@@ -194,17 +194,16 @@ class ProbeEngine:
         self.backend.commit_weights(self.param_names)
 
     # -- forward only ------------------------------------------------------------------------
-    def calibration_loss(self, batches: list, loss_of: LossOfBatch) -> float:
-        """Mean loss over every rank's ``batches``, forward only, the frozen prefix replayed
-        from the baseline pass (what a decision between two masks compares)."""
-        total = torch.zeros(2, dtype=torch.float64)
+    def calibration_losses(self, batches: list, loss_of: LossOfBatch) -> torch.Tensor:
+        """The loss of every global batch (the mean of every rank's ``batches[i]``), forward
+        only, the frozen prefix replayed from the baseline pass: what a decision between two
+        masks compares, batch by batch."""
+        losses = torch.zeros(len(batches), dtype=torch.float64)
         with self.session(), torch.no_grad(), self.prefix.replaying():
             for index, batch in enumerate(batches):
                 self.prefix.select(index)
-                total += torch.tensor([float(loss_of(self.module, to_device(batch, self.backend.device))), 1.0],
-                                      dtype=torch.float64)
-        total = self.backend.all_reduce(total.to(self.backend.device), "sum").cpu()
-        return float(total[0] / total[1])
+                losses[index] = float(loss_of(self.module, to_device(batch, self.backend.device)))
+        return self.backend.all_reduce(losses.to(self.backend.device), "sum").cpu() / self.backend.world_size
 
     # -- gradients and their checks ----------------------------------------------------------
     def _stat_device(self, name: str) -> torch.device:

@@ -316,8 +316,9 @@ def _guarded(probe: GradProbe, record: ProbeRecord, sparsity: float, batches: li
         None if updates_weights else lambda vetoed: probe.engine.apply_masks(record.layers, vetoed.masks))
     probe.masks, probe.equivalent_threshold = kept.masks, kept.equivalent_threshold
     if probe.backend.is_main:
-        log.info("guard (rank 0): calibration loss %.5f with the probe's veto, %.5f without: keeping "
-                 "the %s masks", probe.guard_report["veto_loss"], probe.guard_report["strategy_loss"],
+        log.info("guard (rank 0): calibration loss %.5f with the probe's veto, %.5f without (standard "
+                 "error of the difference %.5f): keeping the %s masks", probe.guard_report["veto_loss"],
+                 probe.guard_report["strategy_loss"], probe.guard_report["difference_se"],
                  probe.guard_report["kept"])
     return kept
 

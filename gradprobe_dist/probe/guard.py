@@ -3,18 +3,34 @@
 The probe's veto (or its iterative rounds) moves the strategy's (or SparseGPT's) choice;
 whether that helps is not guaranteed, so the guard decides both ways (with the probe, and the
 strategy's own masks / plain SparseGPT) and runs the probe's own calibration batches forward
-through each: the one with the lower mean loss is kept (the probe's only when strictly lower).
-No evaluation data is involved, so nothing is tuned on the text a user measures on.
+through each. The probe's masks are kept only when they win clearly: their mean loss lower
+by more than one standard error of the batch-by-batch difference (``probe_wins``). A win by
+less is noise that a held-out text need not share: on SmolLM2 at 30% a veto won by 0.0015
+nats of calibration loss and lost 1.3 perplexity on the validation text. No evaluation data
+is involved, so nothing is tuned on the text a user measures on.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypeVar
+
+import torch
 
 from gradprobe_dist.probe.batches import LossOfBatch
 from gradprobe_dist.probe.engine import ProbeEngine
 
 Result = TypeVar("Result")
+
+
+def probe_wins(probe_losses: torch.Tensor, strategy_losses: torch.Tensor) -> tuple[bool, float]:
+    """Whether the probe's per-batch losses beat the strategy's on the same batches: the mean
+    paired difference below minus one standard error of it (strictly below zero for one
+    batch). Pure; returns the verdict and that standard error."""
+    difference = probe_losses.double() - strategy_losses.double()
+    n = difference.numel()
+    error = float(difference.std(correction=1)) / math.sqrt(n) if n > 1 else 0.0
+    return float(difference.mean()) < -error, error
 
 
 def guarded(engine: ProbeEngine, names, batches: list, loss_of: LossOfBatch,
@@ -25,21 +41,22 @@ def guarded(engine: ProbeEngine, names, batches: list, loss_of: LossOfBatch,
     decisions only zero weights; None when they also change kept weights (SparseGPT,
     reconstruction) or zero them for good (iterative rounds), so each side starts from the
     original weights and the winner's are written back.
-    Returns the kept result and ``{"kept": probe_label or "strategy", "veto_loss", "strategy_loss"}``."""
+    Returns the kept result and ``{"kept": probe_label or "strategy", "veto_loss",
+    "strategy_loss"}`` (mean calibration losses) ``"difference_se"`` (see ``probe_wins``)."""
     originals = engine.weights_copy(names) if reapply is None else None
     vetoed = decide(True)
-    vetoed_loss = engine.calibration_loss(batches, loss_of)
+    vetoed_losses = engine.calibration_losses(batches, loss_of)
     vetoed_weights = engine.weights_copy(names) if reapply is None else None
     if reapply is None:
         engine.put_weights(originals)
     own = decide(False)
-    own_loss = engine.calibration_loss(batches, loss_of)
-    keep_veto = vetoed_loss < own_loss
+    own_losses = engine.calibration_losses(batches, loss_of)
+    keep_veto, error = probe_wins(vetoed_losses, own_losses)
     if keep_veto:
         if reapply is None:
             engine.put_weights(vetoed_weights)
         else:
             reapply(vetoed)
-    report = {"kept": probe_label if keep_veto else "strategy", "veto_loss": vetoed_loss,
-              "strategy_loss": own_loss}
+    report = {"kept": probe_label if keep_veto else "strategy", "veto_loss": float(vetoed_losses.mean()),
+              "strategy_loss": float(own_losses.mean()), "difference_se": error}
     return (vetoed if keep_veto else own), report
