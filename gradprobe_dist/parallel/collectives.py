@@ -52,17 +52,23 @@ def comm_device() -> torch.device:
     return torch.device(accelerator.type, torch.accelerator.current_device_index())
 
 
+def _in_place(tensor: torch.Tensor, collective) -> torch.Tensor:
+    """Run the in-place ``collective(t)`` on ``tensor``, through a copy on the communication
+    device when it lives elsewhere, and return ``tensor`` holding the result."""
+    device = comm_device()
+    if tensor.device == device:
+        collective(tensor)
+        return tensor
+    moved = tensor.to(device)
+    collective(moved)
+    return tensor.copy_(moved)
+
+
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Reduce ``tensor`` over ranks in place with ``op`` (``sum``, ``max`` or ``min``)."""
     if op not in _REDUCE_OPS:
         raise ValueError(f"unknown all_reduce op {op!r}: use one of {sorted(_REDUCE_OPS)}")
-    device = comm_device()
-    if tensor.device == device:
-        dist.all_reduce(tensor, _REDUCE_OPS[op])
-        return tensor
-    moved = tensor.to(device)
-    dist.all_reduce(moved, _REDUCE_OPS[op])
-    return tensor.copy_(moved)
+    return _in_place(tensor, lambda t: dist.all_reduce(t, _REDUCE_OPS[op]))
 
 
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -76,16 +82,12 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 def reduce(tensor: torch.Tensor, dst: int) -> torch.Tensor:
     """Sum every rank's ``tensor`` into ``dst``'s, in place; the others' are left unspecified."""
-    moved = tensor if tensor.device == comm_device() else tensor.to(comm_device())
-    dist.reduce(moved, dst=dst)
-    return tensor if moved is tensor else tensor.copy_(moved)
+    return _in_place(tensor, lambda t: dist.reduce(t, dst=dst))
 
 
 def broadcast(tensor: torch.Tensor, src: int) -> torch.Tensor:
     """``src``'s ``tensor`` into every rank's (same shape and dtype), in place."""
-    moved = tensor if tensor.device == comm_device() else tensor.to(comm_device())
-    dist.broadcast(moved, src=src)
-    return tensor if moved is tensor else tensor.copy_(moved)
+    return _in_place(tensor, lambda t: dist.broadcast(t, src=src))
 
 
 def broadcast_object(obj, src: int = 0):

@@ -61,8 +61,8 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
     ``guard=True`` (no ``finetune``): the strategy's own masks at ``target``
     (``prune_by_strategy``) are tried after the rounds on the same batches, and the rounds'
     masks are kept only when their calibration loss is clearly lower (``probe.guard``;
-    ``probe.guard_report`` says which; a copy of the prunable weights is held meanwhile). The rounds' rows are
-    returned either way.
+    ``probe.guard_report`` says which; a copy of the prunable weights is held meanwhile).
+    The rounds' rows are returned either way.
     """
     plan = plan_rounds(target, rounds, schedule, oversample if mode == "target" else 1.0)
     check_prune_args(target, num_batches, reduction_factor, gradient_threshold)

@@ -42,7 +42,8 @@ def guarded(engine: ProbeEngine, names, batches: list, loss_of: LossOfBatch,
     reconstruction) or zero them for good (iterative rounds), so each side starts from the
     original weights and the winner's are written back.
     Returns the kept result and ``{"kept": probe_label or "strategy", "veto_loss",
-    "strategy_loss"}`` (mean calibration losses) ``"difference_se"`` (see ``probe_wins``)."""
+    "strategy_loss", "difference_se"}``: the two mean calibration losses and the standard
+    error of their per-batch difference (see ``probe_wins``)."""
     originals = engine.weights_copy(names) if reapply is None else None
     vetoed = decide(True)
     vetoed_losses = engine.calibration_losses(batches, loss_of)
