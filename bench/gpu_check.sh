@@ -11,7 +11,7 @@ python -c "import gradprobe_dist, gguf, accelerate, importlib.metadata as m; m.v
 RUN=runs/smollm2
 gp() { python -m gradprobe_dist "$@"; }
 gp fetch-model smollm2-135m --out $RUN/model
-[ -f $RUN/calib/metadata.json ] || gp make-shards --bundled train --tokenizer $RUN/model --out $RUN/calib --seq-len 128 --samples-per-shard 16 --max-samples 32
+[ -f $RUN/calib/metadata.json ] || gp make-shards --bundled train --tokenizer $RUN/model --out $RUN/calib --seq-len 128 --samples-per-shard 12 --max-samples 48
 [ -f $RUN/valid/metadata.json ] || gp make-shards --bundled valid --tokenizer $RUN/model --out $RUN/valid --seq-len 128 --samples-per-shard 12 --max-samples 24
 # one rank: the 2 CPU ranks' global batch (2 x 2 samples) in micro-batches of 4
 WRAPPER=$(mktemp --suffix=.py)

@@ -91,18 +91,25 @@ def gradprobe(model: nn.Module, batches: list, target: float, pattern: str | Non
     return probe
 
 
+def guard_label(args) -> str:
+    if not args.guard:
+        return "no guard"
+    return f"guard on {args.guard_batches} held-out batches" if args.guard_batches else "guard"
+
+
 def probe_label(args) -> str:
     """How a GradProbe row was probed and decided, for its method name."""
-    return (f"veto {args.veto:g}, oversample {args.oversample:g}, r {args.reduction_factor:g}, "
-            + ("guard" if args.guard else "no guard"))
+    return f"veto {args.veto:g}, oversample {args.oversample:g}, r {args.reduction_factor:g}, {guard_label(args)}"
 
 
-def run_target(dense: nn.Module, target: str, args, calibration: methods.Calibration,
+def run_target(dense: nn.Module, target: str, args, calibration: methods.Calibration, held_out: list,
                eval_batches: list, names: list[str]) -> list[dict]:
-    """Every method at ``target`` (and threshold mode's group), one row each."""
+    """Every method at ``target`` (and threshold mode's group), one row each; ``held_out``: the
+    calibration batches the guard scores on (empty: the probe's own)."""
     pattern = target if ":" in target else None
     sparsity = parse_pattern(pattern)[0] / parse_pattern(pattern)[1] if pattern else float(target)
     batches = calibration.batches
+    guard = {"guard": args.guard, "guard_batches": (held_out or None) if args.guard else None}
     rows: list[dict] = []
 
     def record(group: str, method: str, model: nn.Module, seconds: float, **extra) -> None:
@@ -127,23 +134,22 @@ def run_target(dense: nn.Module, target: str, args, calibration: methods.Calibra
     if "target" in wanted:
         model, start = copy.deepcopy(dense), time.perf_counter()
         probe = gradprobe(model, batches, sparsity, pattern, args, mode="target", oversample=args.oversample,
-                          veto_fraction=args.veto, guard=args.guard)
+                          veto_fraction=args.veto, **guard)
         record(target, f"GradProbe target (Wanda order, {probe_label(args)})", model,
                time.perf_counter() - start, guard=probe.guard_report)
     if "sparsegpt_veto" in wanted:
         model, start = copy.deepcopy(dense), time.perf_counter()
         probe = gradprobe(model, batches, sparsity, pattern, args, mode="sparsegpt", oversample=args.oversample,
-                          veto_fraction=args.veto, guard=args.guard)
+                          veto_fraction=args.veto, **guard)
         record(target, f"GradProbe sparsegpt ({probe_label(args)})", model, time.perf_counter() - start,
                guard=probe.guard_report)
     if "iterative" in wanted and pattern is None:  # a schedule cannot ramp up an N:M pattern
         model, start = copy.deepcopy(dense), time.perf_counter()
         probe = GradProbe(model, WandaPruning())
         iterative_prune(probe, batches, target=sparsity, rounds=args.rounds, num_batches=len(batches),
-                        reduction_factor=args.reduction_factor, oversample=args.oversample, guard=args.guard)
+                        reduction_factor=args.reduction_factor, oversample=args.oversample, **guard)
         record(target, f"GradProbe iterative ({args.rounds} cubic rounds, target mode over Wanda, "
-               f"oversample {args.oversample:g}, r {args.reduction_factor:g}, "
-               + ("guard)" if args.guard else "no guard)"), model, time.perf_counter() - start,
+               f"oversample {args.oversample:g}, r {args.reduction_factor:g}, {guard_label(args)})", model, time.perf_counter() - start,
                guard=probe.guard_report)
     if "threshold" in wanted and pattern is None:
         model, start = copy.deepcopy(dense), time.perf_counter()
@@ -265,6 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reduction-factor", type=float, default=0.1, help="the probe's scale of its candidates")
     parser.add_argument("--no-guard", dest="guard", action="store_false",
                         help="keep the probe's vetoed masks even when their calibration loss is higher")
+    parser.add_argument("--guard-batches", type=int, default=4,
+                        help="calibration batches (windows of the training excerpt after the probe's) the "
+                             "guard scores on; 0: the probe's own batches")
     parser.add_argument("--model-dir", type=Path, default=HERE / ".cache" / "smollm2-135m")
     parser.add_argument("--out", type=Path, help="default bench/results (bench/out/quality-llm-smoke with --smoke)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="RUN_DIR", help="join these runs' reports")
@@ -284,7 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_batches = lm_batches(consecutive_windows(valid, args.eval_windows, args.eval_context), 4)
     report = {"meta": run_meta(args.smoke, model="a tiny random LLaMA (smoke)" if args.smoke else "SmolLM2-135M-Instruct",
                                calibration=f"{args.batches} batches of {args.micro_batch} x {args.context} tokens "
-                                           "of the bundled training excerpt",
+                                           "of the bundled training excerpt (guard: "
+                                           f"{args.guard_batches or 'the probe'}'s batches)",
                                evaluation=f"{args.eval_windows} windows of {args.eval_context} tokens of the "
                                           "bundled validation excerpt (Hamlet)",
                                prunable_weights=sum(p.numel() for n, p in dense.named_parameters() if n in names),
@@ -292,10 +302,13 @@ def main(argv: list[str] | None = None) -> dict:
               "dense": perplexity(dense, eval_batches), "rows": []}
     log.info("dense perplexity %.2f", report["dense"])
     for seed in args.seeds:
-        windows = random_windows(train, args.batches * args.micro_batch, args.context, seed)
-        calibration = methods.calibrate(dense, lm_batches(windows, args.micro_batch), seed)
+        # the probe's windows are the first of the seed's (a prefix: unchanged by --guard-batches)
+        windows = random_windows(train, (args.batches + args.guard_batches) * args.micro_batch, args.context, seed)
+        probe_windows = args.batches * args.micro_batch
+        calibration = methods.calibrate(dense, lm_batches(windows[:probe_windows], args.micro_batch), seed)
+        held_out = lm_batches(windows[probe_windows:], args.micro_batch)
         for target in args.targets:
-            report["rows"] += run_target(dense, target, args, calibration, eval_batches, names)
+            report["rows"] += run_target(dense, target, args, calibration, held_out, eval_batches, names)
             report["meta"]["seconds"] = time.perf_counter() - start
             write_report(out, "quality_llm-smoke" if args.smoke else "quality_llm", report, markdown(report))
     print(markdown(report))

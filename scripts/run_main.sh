@@ -14,7 +14,7 @@ CONFIG=${CONFIG:-configs/smollm2-50.yaml}
 RUN=runs/smollm2
 gp() { python -m gradprobe_dist "$@"; }
 gp fetch-model smollm2-135m --out $RUN/model
-[ -f $RUN/calib/metadata.json ] || gp make-shards --bundled train --tokenizer $RUN/model --out $RUN/calib --seq-len 128 --samples-per-shard 16 --max-samples 32
+[ -f $RUN/calib/metadata.json ] || gp make-shards --bundled train --tokenizer $RUN/model --out $RUN/calib --seq-len 128 --samples-per-shard 12 --max-samples 48
 [ -f $RUN/valid/metadata.json ] || gp make-shards --bundled valid --tokenizer $RUN/model --out $RUN/valid --seq-len 128 --samples-per-shard 12 --max-samples 24
 echo "== GradProbe: SparseGPT with the probe's veto and the guard, 2 ranks, FSDP2"
 bash launch/torchrun.sh prune --config "$CONFIG" --eval output_dir=$RUN/masks "$@" | tee $RUN/gradprobe.log

@@ -253,6 +253,8 @@ def test_a_different_schedule_is_refused_naming_the_field(tmp_path, change, fiel
     ({"num_batches": 0}, ValueError, "num_batches"),
     ({"guard": True, "finetune": lambda model, number: None}, ValueError, "finetune"),
     ({"guard": True, "mode": "threshold"}, ValueError, "target mode"),
+    ({"guard_batches": _batches(seed=9)}, ValueError, "guard=True"),
+    ({"guard": True, "guard_batches": []}, ValueError, "guard_batches is empty"),
 ])
 def test_bad_input_is_refused_before_any_probing(kwargs, error, match):
     model = _model()
@@ -262,23 +264,25 @@ def test_bad_input_is_refused_before_any_probing(kwargs, error, match):
     assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
 
 
-def _batch_losses(model) -> torch.Tensor:
+def _batch_losses(model, batches=None) -> torch.Tensor:
     with torch.no_grad():
-        return torch.tensor([float(LOSS(model(x), y)) for x, y in _batches()], dtype=torch.float64)
+        return torch.tensor([float(LOSS(model(x), y)) for x, y in batches or _batches()], dtype=torch.float64)
 
 
+@pytest.mark.parametrize("held_out", [None, _batches(seed=9)], ids=["probe batches", "held-out batches"])
 @pytest.mark.parametrize("strategy", [MagnitudePruning(), WandaPruning()])
-def test_guard_keeps_whichever_of_rounds_and_strategy_has_the_lower_calibration_loss(strategy):
+def test_guard_keeps_whichever_of_rounds_and_strategy_has_the_lower_calibration_loss(strategy, held_out):
     """The guarded run ends with exactly the rounds' masks or exactly the strategy's own, the
-    one whose calibration losses win (``probe_wins``), on the dense values elsewhere."""
+    one whose calibration losses win (``probe_wins``) on the batches the guard scores (the
+    rounds' own or ``guard_batches``), on the dense values elsewhere."""
     dense = _weights(_model())
     rounds_probe, _ = _run(strategy=strategy)
     alone = GradProbe(_model(), strategy)
     alone_masks = alone.prune_by_strategy(_batches(), LOSS, 0.75, BATCHES)
-    probe, rows = _run(strategy=strategy, guard=True)
+    probe, rows = _run(strategy=strategy, guard=True, guard_batches=held_out)
     report = probe.guard_report
     assert [r["sparsity"] for r in rows][-1] == pytest.approx(0.75, abs=1e-3)
-    rounds_losses, alone_losses = _batch_losses(rounds_probe.model), _batch_losses(alone.model)
+    rounds_losses, alone_losses = _batch_losses(rounds_probe.model, held_out), _batch_losses(alone.model, held_out)
     assert report["veto_loss"] == pytest.approx(float(rounds_losses.mean()), rel=1e-5)
     assert report["strategy_loss"] == pytest.approx(float(alone_losses.mean()), rel=1e-5)
     wins = probe_wins(rounds_losses, alone_losses)[0]
@@ -290,7 +294,7 @@ def test_guard_keeps_whichever_of_rounds_and_strategy_has_the_lower_calibration_
         assert torch.equal(probe.masks[name], mask), name
         assert (params[name][mask] == 0).all() and torch.equal(params[name][~mask], dense[name][~mask]), name
     kept_loss = report["veto_loss"] if wins else report["strategy_loss"]
-    assert float(_batch_losses(probe.model).mean()) == pytest.approx(kept_loss, rel=1e-5)
+    assert float(_batch_losses(probe.model, held_out).mean()) == pytest.approx(kept_loss, rel=1e-5)
 
 
 def test_guard_can_go_either_way():

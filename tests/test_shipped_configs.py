@@ -33,6 +33,7 @@ def test_shipped_config_validates_with_a_users_paths(user_inputs, tmp_path, caps
     assert "# config OK" in capsys.readouterr().out
     assert not (tmp_path / "masks").exists()
     cfg = load_config(CONFIGS / name, overrides).prune
-    assert (cfg.mode, cfg.veto, cfg.veto_fraction, cfg.guard, cfg.sparsity) == ("sparsegpt", "fraction", 0.1, True, 0.5)
+    assert (cfg.mode, cfg.veto, cfg.veto_fraction, cfg.guard, cfg.guard_batches, cfg.sparsity) == (
+        "sparsegpt", "fraction", 0.1, True, 2, 0.5)
     assert cfg.strategy_options.get("pattern") == pattern
     assert load_config(CONFIGS / name, overrides).parallel == "fsdp"

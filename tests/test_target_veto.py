@@ -31,6 +31,9 @@ def _data(n=4, b=32):
             for _ in range(n)]
 
 
+HELD_OUT = _data(n=6)[4:]  # two calibration batches after the probe's four
+
+
 def _model():
     torch.manual_seed(0)
     return SimpleMLP(24, [32, 16], 6)
@@ -139,26 +142,39 @@ def test_a_strategy_without_scores_falls_back_to_the_lowest_ratios():
         GradProbe(_model(), MasksOnly()).prune(_data(), LOSS, 0.5, 4, mode="target", guard=True)
 
 
-def _batch_losses(model, masks) -> torch.Tensor:
+@pytest.mark.parametrize("options, match", [({"guard_batches": HELD_OUT}, "guard=True"),
+                                            ({"guard": True, "guard_batches": []}, "guard_batches is empty")])
+def test_held_out_guard_batches_without_a_guard_or_empty_are_refused_before_probing(options, match):
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        GradProbe(model, WandaPruning()).prune(_data(), LOSS, 0.5, 4, mode="target", **options)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def _batch_losses(model, masks, batches=None) -> torch.Tensor:
     model = copy.deepcopy(model)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, mask in masks.items():
             params[name].masked_fill_(mask, 0.0)
-        return torch.tensor([float(LOSS(model(x), y)) for x, y in _data()], dtype=torch.float64)
+        return torch.tensor([float(LOSS(model(x), y)) for x, y in batches or _data()], dtype=torch.float64)
 
 
+@pytest.mark.parametrize("held_out", [None, HELD_OUT], ids=["probe batches", "held-out batches"])
 @pytest.mark.parametrize("cls, options", [(WandaPruning, {}), (MagnitudePruning, {"pattern": "2:4"})])
-def test_the_guard_keeps_the_masks_with_the_lower_calibration_loss(cls, options):
+def test_the_guard_keeps_the_masks_with_the_lower_calibration_loss(cls, options, held_out):
+    """Scored on the probe's batches or on ``guard_batches`` held out from it."""
     dense = _model()
     model = copy.deepcopy(dense)
     probe = GradProbe(model, cls(**options))
-    masks = probe.prune(_data(), LOSS, 0.5, 4, mode="target", veto_fraction=0.3, guard=True)
+    masks = probe.prune(_data(), LOSS, 0.5, 4, mode="target", veto_fraction=0.3, guard=True,
+                        guard_batches=held_out)
     vetoed = GradProbe(copy.deepcopy(dense), cls(**options)).prune(_data(), LOSS, 0.5, 4, mode="target",
                                                                    veto_fraction=0.3)
     own = _strategy_alone(cls(**options), 0.5)
     report = probe.guard_report
-    vetoed_losses, own_losses = _batch_losses(dense, vetoed), _batch_losses(dense, own)
+    vetoed_losses, own_losses = _batch_losses(dense, vetoed, held_out), _batch_losses(dense, own, held_out)
     assert report["veto_loss"] == pytest.approx(float(vetoed_losses.mean()), rel=1e-5)
     assert report["strategy_loss"] == pytest.approx(float(own_losses.mean()), rel=1e-5)
     wins, error = probe_wins(vetoed_losses, own_losses)
@@ -264,3 +280,40 @@ def test_pipeline_guard_per_stage_and_veto_none_is_the_strategy(tmp_path, log_li
     with pytest.raises(ConfigError, match="prune.guard"):
         load_config(write_config(tmp_path / "bad.yaml", data, output_dir=tmp_path / "bad",
                                  prune={"mode": "threshold", "guard": True}))
+
+
+def test_pipeline_guard_scores_the_held_out_batches_after_the_probes(tmp_path, monkeypatch):
+    """``prune.guard_batches``: the guard scores the calibration batches read after the
+    probe's ``num_batches`` (none of them probed), every stage; the probe's are never scored."""
+    from gradprobe_dist.data.loader import shard_batches
+    from gradprobe_dist.pipeline.config import ConfigError, load_config
+    from test_pipeline import STAGE_LAYERS, job_for, make_tiny_data, write_config
+
+    data = make_tiny_data(tmp_path / "data")
+    scored = []
+    real = ProbeEngine.calibration_losses
+
+    def recording(self, batches, loss_of):
+        scored.append([b["input_ids"].clone() for b in batches])
+        return real(self, batches, loss_of)
+
+    monkeypatch.setattr(ProbeEngine, "calibration_losses", recording)
+    config = write_config(tmp_path / "held.yaml", data, output_dir=tmp_path / "held",
+                          prune={"mode": "target", "strategy": "wanda", "veto": "fraction", "guard": True,
+                                 "guard_batches": 2})
+    job = job_for(config)
+    job.run()
+    micro = job.cfg.data.micro_batch_size
+    every = [b["input_ids"] for b in shard_batches(data["calib"], micro_batch_size=micro, num_batches=6)]
+    assert len(scored) == 2 * len(STAGE_LAYERS)  # both sides of every stage's decision
+    for batches in scored:
+        assert len(batches) == 2 and all(torch.equal(a, b) for a, b in zip(batches, every[4:]))
+    with pytest.raises(ConfigError, match="prune.guard_batches"):
+        load_config(write_config(tmp_path / "bad.yaml", data, output_dir=tmp_path / "bad",
+                                 prune={"mode": "target", "guard_batches": 2}))
+    short = write_config(tmp_path / "short.yaml", data, output_dir=tmp_path / "short",
+                         prune={"mode": "target", "strategy": "wanda", "veto": "fraction", "guard": True,
+                                "guard_batches": 40})
+    with pytest.raises(ValueError, match=r"prune.num_batches=4 \+ prune.guard_batches=40: lower either"):
+        job_for(short).run()
+    assert not (tmp_path / "short").exists()  # refused before anything was written

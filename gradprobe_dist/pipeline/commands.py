@@ -134,17 +134,21 @@ def check_inputs(cfg: RunConfig) -> list[str]:
     """What prune would read, read now (weights, calibration and evaluation samples, as one
     rank would): a missing, unreadable or mismatched input fails validate, not a later run."""
     from gradprobe_dist.data.loader import shard_batches
+    from gradprobe_dist.pipeline.inputs import read_calibration
 
     lines, vocab_size = [], _vocab_size_of(cfg)
     if cfg.model.path:
         lines.append(f"model.path {cfg.model.path}: loads" + (f" (vocabulary {vocab_size})" if vocab_size else ""))
-    for key, shards, batches in (("data.shards", cfg.data.shards, cfg.prune.num_batches),
-                                 ("data.eval_shards", cfg.data.eval_shards, cfg.data.eval_batches)):
-        if shards:
-            shard_batches(shards, micro_batch_size=cfg.data.micro_batch_size, num_batches=batches,
-                                vocab_size=vocab_size)
-            lines.append(f"{key} {shards}: {batches} batches of {cfg.data.micro_batch_size} samples "
-                         "read and checked (one rank's share)")
+    data, checked = cfg.data, "samples read and checked (one rank's share)"
+    if data.shards:
+        read_calibration(cfg, vocab_size=vocab_size)
+        lines.append(f"data.shards {data.shards}: {cfg.prune.num_batches + cfg.prune.guard_batches} "
+                     f"batches of {data.micro_batch_size} {checked}")
+    if data.eval_shards:
+        shard_batches(data.eval_shards, micro_batch_size=data.micro_batch_size, num_batches=data.eval_batches,
+                      vocab_size=vocab_size)
+        lines.append(f"data.eval_shards {data.eval_shards}: {data.eval_batches} batches of "
+                     f"{data.micro_batch_size} {checked}")
     check_output_dir(cfg)
     return lines
 

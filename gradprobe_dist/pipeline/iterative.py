@@ -29,7 +29,7 @@ from gradprobe_dist.pipeline.rounds import (Round, decided_ratios, layer_counts,
 from gradprobe_dist.probe.batches import LossOfBatch, make_loss_of_batch, take_batches
 from gradprobe_dist.probe.record import ProbeRecord
 from gradprobe_dist.probe.gradprobe import GradProbe
-from gradprobe_dist.probe.guard import guarded
+from gradprobe_dist.probe.guard import guarded, scored_batches
 from gradprobe_dist.probe.validation import check_mode, check_prune_args
 from gradprobe_dist.runtime.log import get_logger
 
@@ -46,6 +46,7 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
                     mode: str = "target", oversample: float = 1.5, target_scope: str = "layer",
                     finetune: Callable[[nn.Module, int], None] | None = None,
                     checkpoint_dir: str | Path | None = None, guard: bool = False,
+                    guard_batches: Iterable | None = None,
                     compute_loss: LossOfBatch | None = None, verbose: bool = False) -> list[dict]:
     """Prune ``probe.model`` to ``target`` in ``rounds`` probe rounds; returns one row per
     round: ``round``, ``schedule`` (s_r), ``sparsity`` (pruned / prunable weights),
@@ -59,9 +60,12 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
     (``probe.remove_mask_hooks()`` takes them off) and ``probe.masks`` holding every mask.
 
     ``guard=True`` (no ``finetune``): the strategy's own masks at ``target``
-    (``prune_by_strategy``) are tried after the rounds on the same batches, and the rounds'
-    masks are kept only when their calibration loss is clearly lower (``probe.guard``;
-    ``probe.guard_report`` says which; a copy of the prunable weights is held meanwhile).
+    (``prune_by_strategy``) are tried after the rounds, and the rounds' masks are kept only
+    when their calibration loss is clearly lower (``probe.guard``; ``probe.guard_report`` says
+    which; a copy of the prunable weights is held meanwhile). Pass ``guard_batches``,
+    calibration batches the rounds do not see: every round re-probes the same batches, so the
+    rounds' masks fit them (on SmolLM2 at 50% their loss there beat Wanda's by 0.06-0.16 nats
+    while held-out perplexity was worse); without, the guard scores the rounds' own batches.
     The rounds' rows are returned either way.
     """
     plan = plan_rounds(target, rounds, schedule, oversample if mode == "target" else 1.0)
@@ -92,6 +96,7 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
                 "strategy": probe.strategy.get_name(), "statistic": probe.statistic,
                 "parameters": probe.param_names, "finetune": finetune is not None}
     batches = take_batches(dataloader, num_batches)
+    scored = scored_batches(guard, guard_batches, batches)
     lock = lock_directory(probe.backend, checkpoint_dir) if checkpoint_dir is not None else None
     try:  # one run per checkpoint directory
         steps = LibraryRounds(probe, batches, settings, checkpoint_dir, loss_fn=loss_fn, finetune=finetune,
@@ -109,7 +114,7 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
         if guard:
             probe.engine.ensure_prepared()
             probe.masks, probe.guard_report = guarded(
-                probe.engine, probe.param_names, batches, make_loss_of_batch(loss_fn, compute_loss),
+                probe.engine, probe.param_names, scored, make_loss_of_batch(loss_fn, compute_loss),
                 rounds_or_alone, None, probe_label="probe rounds")
             probe.apply_mask_permanently()
             if probe.backend.is_main:

@@ -39,7 +39,7 @@ from gradprobe_dist.parallel import Backend, build_backend
 from gradprobe_dist.pipeline.build import build_model
 from gradprobe_dist.pipeline.config import RunConfig
 from gradprobe_dist.pipeline.evaluate import evaluate
-from gradprobe_dist.pipeline.inputs import mask_config
+from gradprobe_dist.pipeline.inputs import mask_config, read_calibration
 from gradprobe_dist.pipeline.rounds import Round, plan_rounds, round_dir, run_rounds
 from gradprobe_dist.pipeline.stages import STAT_DTYPES, StageLoop, StagedRounds, loss_fn_for, plan_stages
 from gradprobe_dist.probe.gradprobe import GradProbe
@@ -152,12 +152,19 @@ class PruneJob:
 
     @property
     def calibration(self) -> list:
-        """This rank's calibration micro-batches, read on first use (eval needs none)."""
+        """This rank's calibration micro-batches for the probe, read on first use (eval needs none)."""
+        return self._read_calibration()[:self.cfg.prune.num_batches]
+
+    @property
+    def guard_calibration(self) -> list:
+        """The batches the guard scores on: the ``prune.guard_batches`` read after the probe's,
+        or the probe's own when that is 0."""
+        return self._read_calibration()[self.cfg.prune.num_batches:] or self.calibration
+
+    def _read_calibration(self) -> list:
         if self._calibration is None:
-            self._calibration = shard_batches(
-                self.cfg.data.shards, micro_batch_size=self.cfg.data.micro_batch_size,
-                num_batches=self.cfg.prune.num_batches, rank=self.env.rank,
-                world_size=self.env.world_size, vocab_size=token_vocab_size(self.model))
+            self._calibration = read_calibration(self.cfg, rank=self.env.rank, world_size=self.env.world_size,
+                                                 vocab_size=token_vocab_size(self.model))
         return self._calibration
 
     # -- checkpoints ---------------------------------------------------------------------------

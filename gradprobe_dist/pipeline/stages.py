@@ -161,7 +161,7 @@ class StageLoop:
                            reconstruct=cfg.reconstruct, veto=cfg.veto != "none",
                            veto_fraction=cfg.veto_fraction if cfg.veto == "fraction" else None)
             if cfg.guard:
-                masks = probe.decide_guarded(record, cfg.sparsity, job.calibration,
+                masks = probe.decide_guarded(record, cfg.sparsity, job.guard_calibration,
                                              loss_fn_for(job.calibration), **options)
             else:
                 masks = probe.decide(record, cfg.sparsity, **options)

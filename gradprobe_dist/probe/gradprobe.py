@@ -26,7 +26,7 @@ from gradprobe_dist.probe import stats as statistics
 from gradprobe_dist.probe.batches import LossOfBatch, make_loss_of_batch, take_batches
 from gradprobe_dist.probe.decision import Decision, counted, decide
 from gradprobe_dist.probe.engine import Baseline, ProbeEngine
-from gradprobe_dist.probe.guard import guarded
+from gradprobe_dist.probe.guard import guarded, scored_batches
 from gradprobe_dist.probe.params import find_prunable
 from gradprobe_dist.probe.prefix import FrozenPrefix
 from gradprobe_dist.probe.record import ProbeRecord
@@ -99,7 +99,8 @@ class GradProbe:
               compute_loss: LossOfBatch | None = None, mode: str = "threshold",
               oversample: float = 1.5, target_scope: str = "layer",
               allocation: Allocation | None = None, reconstruct: bool = False,
-              veto_fraction: float | None = None, guard: bool = False) -> dict[str, torch.Tensor]:
+              veto_fraction: float | None = None, guard: bool = False,
+              guard_batches: Iterable | None = None) -> dict[str, torch.Tensor]:
         """Probe and prune in place; returns masks (True = pruned) keyed by parameter name.
 
         ``mode="threshold"`` (the original): prune the selected weights whose gradient did not
@@ -125,7 +126,9 @@ class GradProbe:
         pruned only when SparseGPT's quota cannot be met without them
         (``gradprobe_dist.probe.veto``). ``guard=True`` (target and sparsegpt modes) also
         decides without the veto (the strategy's own masks, plain SparseGPT) and keeps
-        whichever has the lower calibration loss on the same batches (``decide_guarded``).
+        whichever has the lower calibration loss (``decide_guarded``), measured on
+        ``guard_batches`` when given (calibration batches the probe does not use: the rounds
+        of ``iterative_prune`` fit the probe's own batches), else on the probe's batches.
         Masks have the local shape of each weight (the full shape unless the backend shards).
         ``compute_loss(model, batch) -> loss`` replaces the default batch handling.
         """
@@ -135,13 +138,14 @@ class GradProbe:
         check_pattern(self.strategy, sparsity)
         check_allocation(allocation, mode, target_scope, self.strategy)
         batches = take_batches(dataloader, num_batches)
+        scored = scored_batches(guard, guard_batches, batches)
         record = self.probe(batches, loss_fn, sparsity, num_batches, reduction_factor,
                             verbose, compute_loss=compute_loss, allocation=allocation,
                             oversample=oversample if mode in ("target", "sparsegpt") else 1.0,
                             hessians=reconstruct or mode == "sparsegpt")
         options = dict(mode=mode, gradient_threshold=gradient_threshold, target_scope=target_scope,
                        reconstruct=reconstruct, veto_fraction=veto_fraction)
-        decision = _guarded(self, record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options) \
+        decision = _guarded(self, record, sparsity, scored, make_loss_of_batch(loss_fn, compute_loss), **options) \
             if guard else _decide(self, record, sparsity, **options)
         if verbose:
             _report(self, decision, sparsity)
@@ -177,8 +181,9 @@ class GradProbe:
                        loss_fn: Callable | None = None, *, compute_loss: LossOfBatch | None = None,
                        **options) -> dict[str, torch.Tensor]:
         """``decide`` with the probe's veto and without it; keep the masks (and updated
-        weights) with the lower mean calibration loss over ``batches`` (forward only, the
-        probe's own batches: no evaluation data), the veto's only when strictly lower.
+        weights) with the lower mean calibration loss over ``batches`` (forward only: the
+        probe's own batches or calibration batches held out from it, no evaluation data), the
+        veto's only when lower by more than a standard error (``probe.guard.probe_wins``).
         ``self.guard_report`` says which won. Target and sparsegpt modes only."""
         return _guarded(self, record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options).masks
 

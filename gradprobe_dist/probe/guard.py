@@ -2,8 +2,9 @@
 
 The probe's veto (or its iterative rounds) moves the strategy's (or SparseGPT's) choice;
 whether that helps is not guaranteed, so the guard decides both ways (with the probe, and the
-strategy's own masks / plain SparseGPT) and runs the probe's own calibration batches forward
-through each. The probe's masks are kept only when they win clearly: their mean loss lower
+strategy's own masks / plain SparseGPT) and runs calibration batches forward through each:
+the probe's own, or (``scored_batches``) batches held out from it, which iterative rounds
+need because every round re-probes, and so fits, the same batches. The probe's masks are kept only when they win clearly: their mean loss lower
 by more than one standard error of the batch-by-batch difference (``probe_wins``). A win by
 less is noise that a held-out text need not share: on SmolLM2 at 30% a veto won by 0.0015
 nats of calibration loss and lost 1.3 perplexity on the validation text. No evaluation data
@@ -12,7 +13,7 @@ is involved, so nothing is tuned on the text a user measures on.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import torch
@@ -21,6 +22,22 @@ from gradprobe_dist.probe.batches import LossOfBatch
 from gradprobe_dist.probe.engine import ProbeEngine
 
 Result = TypeVar("Result")
+
+
+def scored_batches(guard: bool, guard_batches: Iterable | None, probe_batches: list) -> list:
+    """The batches the guard scores on: ``guard_batches`` (calibration batches held out from
+    the probe) when given, else the probe's own. Refuses held-out batches without a guard or
+    an empty set of them, before anything is probed."""
+    if guard_batches is None:
+        return probe_batches
+    if not guard:
+        raise ValueError("guard_batches are what the guard scores on: pass guard=True with them, "
+                         "or drop guard_batches")
+    held_out = list(guard_batches)
+    if not held_out:
+        raise ValueError("guard_batches is empty: give the guard at least one calibration batch "
+                         "the probe does not use, or None to score on the probe's own")
+    return held_out
 
 
 def probe_wins(probe_losses: torch.Tensor, strategy_losses: torch.Tensor) -> tuple[bool, float]:
