@@ -11,8 +11,9 @@ guard), GradProbe ``mode="sparsegpt"`` with the probe's veto and the guard (the 
 configs' settings, here in one shot over all layers, not in stages), and GradProbe threshold mode
 (unstructured targets only), which stops short of the target, so Wanda and SparseGPT are run
 again at its actual sparsity; as an option (``--methods ... iterative``, unstructured only),
-``iterative_prune``'s target mode over Wanda in ``--rounds`` cubic rounds (guarded as the
-other GradProbe rows unless ``--no-guard``). Every row of a group has the same actual sparsity (asserted).
+``iterative_prune``'s target mode over Wanda in ``--rounds`` cubic rounds, each in Wanda's
+order with the probe vetoing ``--veto`` of the candidates (guarded as the other GradProbe rows
+unless ``--no-guard``). Every row of a group has the same actual sparsity (asserted).
 
     python -m bench.quality_llm [--smoke] [--targets 0.5 2:4] [--seeds 0] [--out bench/results]
     python -m bench.quality_llm --merge RUN_DIR [RUN_DIR ...] [--out bench/results]
@@ -147,9 +148,9 @@ def run_target(dense: nn.Module, target: str, args, calibration: methods.Calibra
         model, start = copy.deepcopy(dense), time.perf_counter()
         probe = GradProbe(model, WandaPruning())
         iterative_prune(probe, batches, target=sparsity, rounds=args.rounds, num_batches=len(batches),
-                        reduction_factor=args.reduction_factor, oversample=args.oversample, **guard)
-        record(target, f"GradProbe iterative ({args.rounds} cubic rounds, target mode over Wanda, "
-               f"oversample {args.oversample:g}, r {args.reduction_factor:g}, {guard_label(args)})", model, time.perf_counter() - start,
+                        reduction_factor=args.reduction_factor, oversample=args.oversample,
+                        veto_fraction=args.veto, **guard)
+        record(target, f"GradProbe iterative ({args.rounds} cubic rounds in Wanda order, {probe_label(args)})", model, time.perf_counter() - start,
                guard=probe.guard_report)
     if "threshold" in wanted and pattern is None:
         model, start = copy.deepcopy(dense), time.perf_counter()

@@ -142,7 +142,7 @@ def test_global_scope_reaches_the_total_exactly():
 
 class MagnitudeMasks(PruningStrategy):
     """Magnitude through the original API only (no scores): one-shot target mode then ranks
-    candidates by gradient ratio, the rule rounds use among the alive candidates."""
+    candidates by gradient ratio, as rounds do for a strategy without scores."""
 
     def select_weights_to_prune(self, model, sparsity):
         return MagnitudePruning().select_weights_to_prune(model, sparsity)
@@ -151,13 +151,35 @@ class MagnitudeMasks(PruningStrategy):
         return "magnitude_masks"
 
 
-@pytest.mark.parametrize("mode", ["target", "threshold"])
-def test_one_round_is_one_shot_pruning(mode):
+@pytest.mark.parametrize("strategy", [MagnitudePruning(), MagnitudePruning(scope="global")])
+def test_target_rounds_without_veto_walk_the_strategys_order(strategy):
+    """With nothing vetoed each round takes the strategy's own quota of the current weights,
+    the earlier rounds' zeros first: for magnitude (zeroing the smallest leaves the order of
+    the rest) the rounds end at magnitude's own one-shot masks, which ranking the candidates
+    by gradient ratio would not give."""
+    alone = GradProbe(_model(), strategy).prune_by_strategy(_batches(), LOSS, 0.75, BATCHES)
+    probe, rows = _run(strategy=strategy, veto_fraction=0.0,
+                       target_scope="global" if strategy.scope == "global" else "layer")
+    assert [r["sparsity"] for r in rows][-1] == pytest.approx(0.75, abs=1e-2)
+    for name, mask in alone.items():
+        assert torch.equal(probe.masks[name], mask), name
+    vetoed, _ = _run(strategy=strategy, veto_fraction=0.3,
+                     target_scope="global" if strategy.scope == "global" else "layer")
+    assert any(not torch.equal(vetoed.masks[n], m) for n, m in alone.items())  # the veto moves some
+
+
+@pytest.mark.parametrize("mode, strategy, options", [
+    ("target", MagnitudePruning, {}),  # the strategy's order, the ratio-vetoed candidates last
+    ("target", MagnitudePruning, {"veto_fraction": 0.3}),
+    ("target", WandaPruning, {"veto_fraction": 0.3}),
+    ("target", MagnitudeMasks, {}),  # no scores: the lowest ratios
+    ("threshold", MagnitudePruning, {})])
+def test_one_round_is_one_shot_pruning(mode, strategy, options):
     one_shot = _model()
-    masks = GradProbe(one_shot, MagnitudeMasks() if mode == "target" else MagnitudePruning()).prune(
+    masks = GradProbe(one_shot, strategy()).prune(
         _batches(), LOSS, sparsity=0.6, num_batches=BATCHES, gradient_threshold=0.1, mode=mode,
-        oversample=1.5)
-    probe, _ = _run(target=0.6, rounds=1, mode=mode, gradient_threshold=0.1)
+        oversample=1.5, **options)
+    probe, _ = _run(target=0.6, rounds=1, mode=mode, gradient_threshold=0.1, strategy=strategy(), **options)
     for name, mask in masks.items():
         assert torch.equal(probe.masks[name], mask)
     for (name, a), b in zip(probe.model.named_parameters(), one_shot.parameters()):

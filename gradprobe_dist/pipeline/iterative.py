@@ -31,6 +31,7 @@ from gradprobe_dist.probe.record import ProbeRecord
 from gradprobe_dist.probe.gradprobe import GradProbe
 from gradprobe_dist.probe.guard import guarded, scored_batches
 from gradprobe_dist.probe.validation import check_mode, check_prune_args
+from gradprobe_dist.probe.veto import check_fraction
 from gradprobe_dist.runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -46,7 +47,7 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
                     mode: str = "target", oversample: float = 1.5, target_scope: str = "layer",
                     finetune: Callable[[nn.Module, int], None] | None = None,
                     checkpoint_dir: str | Path | None = None, guard: bool = False,
-                    guard_batches: Iterable | None = None,
+                    guard_batches: Iterable | None = None, veto_fraction: float | None = None,
                     compute_loss: LossOfBatch | None = None, verbose: bool = False) -> list[dict]:
     """Prune ``probe.model`` to ``target`` in ``rounds`` probe rounds; returns one row per
     round: ``round``, ``schedule`` (s_r), ``sparsity`` (pruned / prunable weights),
@@ -58,6 +59,11 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
     re-applied after it returns whatever it did). Seed it from ``round`` for a resumed run to
     end identical to an uninterrupted one. The model ends pruned with those hooks installed
     (``probe.remove_mask_hooks()`` takes them off) and ``probe.masks`` holding every mask.
+
+    Target mode with a scored strategy (magnitude, Wanda) prunes each round's quota in the
+    strategy's order with the probe's vetoed candidates last: ``veto_fraction`` of each
+    layer's candidates with the highest gradient ratios, or (None) those whose ratio exceeds
+    ``1 + gradient_threshold`` (``GradProbe.prune``'s rule; see rounds.py).
 
     ``guard=True`` (no ``finetune``): the strategy's own masks at ``target``
     (``prune_by_strategy``) are tried after the rounds, and the rounds' masks are kept only
@@ -71,6 +77,7 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
     plan = plan_rounds(target, rounds, schedule, oversample if mode == "target" else 1.0)
     check_prune_args(target, num_batches, reduction_factor, gradient_threshold)
     check_mode(mode, oversample, target_scope)
+    check_fraction(veto_fraction)
     if getattr(probe.strategy, "nm", None):
         raise ValueError(f"strategy {probe.strategy.get_name()} prunes a fixed N:M pattern, which "
                          "a schedule cannot ramp up: use probe.prune() with it, or a strategy "
@@ -90,7 +97,8 @@ def iterative_prune(probe: GradProbe, dataloader: Iterable, loss_fn: Callable | 
                          "checkpoint_dir without finetune, or run one process / DDP")
     settings = {"target": target, "rounds": rounds, "schedule": schedule, "num_batches": num_batches,
                 "reduction_factor": reduction_factor, "mode": mode,
-                "gradient_threshold": gradient_threshold if mode == "threshold" else None,
+                "gradient_threshold": gradient_threshold,
+                "veto_fraction": veto_fraction if mode == "target" else None,
                 "oversample": oversample if mode == "target" else None,
                 "target_scope": target_scope if mode == "target" else None,
                 "strategy": probe.strategy.get_name(), "statistic": probe.statistic,
@@ -188,8 +196,12 @@ class LibraryRounds:
                              compute_loss=self.compute_loss, oversample=round_.oversample)
         before = (dict(probe.masks) if round_.number > 1 else
                   {n: torch.zeros_like(layer.tentative) for n, layer in record.layers.items()})
-        masks = round_masks(self.backend, record, before, round_.sparsity, self.settings["mode"],
-                            self.gradient_threshold, self.target_scope)
+        mode = self.settings["mode"]
+        order, vetoes = probe.target_order(record, gradient_threshold=self.gradient_threshold,
+                                           veto_fraction=self.settings["veto_fraction"]) \
+            if mode == "target" else (None, None)
+        masks = round_masks(self.backend, record, before, round_.sparsity, mode, self.gradient_threshold,
+                            self.target_scope, order, vetoes)
         probe.apply_masks(record, masks)
         probe.masks = masks
         probe.apply_mask_permanently()

@@ -8,13 +8,14 @@ stay pruned. They are zero, so magnitude and Wanda select them first again: harm
 since scaling zero changes nothing and a round decides only among its *alive* candidates.
 
 * ``mode="target"``: the strategy selects ``s_(r-1) + oversample (s_r - s_(r-1))`` of the
-  weights (the zeros plus the smallest alive ones: the round's increment, oversampled) and
-  the alive candidates with the lowest gradient ratio new/old are pruned until exactly
+  weights (the zeros plus the smallest alive ones: the round's increment, oversampled). With
+  a scored strategy (magnitude, Wanda) the round then takes the strategy's own quota at s_r
+  by its own rule, in its order of the current weights, the probe's vetoed candidates last,
+  as one-shot target mode does (``gradprobe_dist.probe.target``). A strategy without scores
+  falls back to the alive candidates with the lowest gradient ratio new/old until exactly
   ``floor(s_r numel)`` weights are pruned per layer (or over all layers with
-  ``target_scope="global"``). A strategy that does not re-select the zeros (random) offers
-  fewer alive candidates; a shortfall is logged and shows in the rows. (Rounds still rank
-  the alive candidates by the ratio alone; one-shot target mode walks the strategy's own
-  order with the probe's veto, ``gradprobe_dist.probe.target``.)
+  ``target_scope="global"``); one that does not re-select the zeros (random) offers fewer
+  alive candidates, a shortfall logged and shown in the rows.
 * ``mode="threshold"``: the probe selects s_r; alive candidates whose gradient did not grow
   by more than ``gradient_threshold`` are pruned, so a round ends at or below s_r.
 
@@ -37,6 +38,7 @@ from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.pipeline.plots import ratio_tensors
 from gradprobe_dist.probe.decision import candidates_first
 from gradprobe_dist.probe.record import ProbeRecord, prune_decision
+from gradprobe_dist.probe.target import StrategyOrder, in_strategy_order
 from gradprobe_dist.probe.validation import is_int, is_number
 from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.strategies.base import count_to_select
@@ -154,9 +156,14 @@ def tentative_fraction(values: list[float], number: int, oversample: float) -> f
 
 def round_masks(backend: Backend, record: ProbeRecord, pruned: dict[str, torch.Tensor],
                 sparsity: float, mode: str, gradient_threshold: float,
-                scope: str = "layer") -> dict[str, torch.Tensor]:
+                scope: str = "layer", order: StrategyOrder | None = None,
+                vetoes: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The masks after one round: ``pruned`` (earlier rounds) plus the alive tentative weights
-    chosen by the round's rule (see the module docstring). All tensors are local parts."""
+    chosen by the round's rule (see the module docstring): in target mode with the strategy's
+    ``order`` (``GradProbe.target_order``), its quota at ``sparsity`` with the pruned weights
+    first and the alive ``vetoes`` last. All tensors are local parts."""
+    if mode == "target" and order is not None:
+        return _in_strategy_order(backend, record, pruned, sparsity, order, vetoes)
     names = list(record.layers)
     alive = {n: ~pruned[n][layer.tentative] for n, layer in record.layers.items()}
     if mode == "threshold":
@@ -183,6 +190,20 @@ def round_masks(backend: Backend, record: ProbeRecord, pruned: dict[str, torch.T
         chosen = (backend.select_smallest(scores, ks[0]) if scope == "global"
                   else backend.select_smallest_each(scores, ks))
     return {n: pruned[n] | layer.expand(c) for (n, layer), c in zip(record.layers.items(), chosen)}
+
+
+def _in_strategy_order(backend: Backend, record: ProbeRecord, pruned: dict[str, torch.Tensor], sparsity: float,
+                       order: StrategyOrder, vetoes: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Target mode's round in the strategy's order: the earlier rounds' zeros scored below
+    every other weight (so the quota keeps them, whatever the strategy thinks of a zero),
+    the alive candidates in the strategy's order, vetoed ones last."""
+    low = min((float(s.min()) for s in order.scores.values() if s.numel()), default=0.0)
+    low = float(backend.all_reduce(torch.tensor([low], dtype=torch.float64, device=backend.device), "min")) - 1.0
+    scores = {n: torch.where(pruned[n].to(s.device), torch.full_like(s, low), s) for n, s in order.scores.items()}
+    candidates = {n: layer.tentative | pruned[n] for n, layer in record.layers.items()}
+    alive_vetoes = None if vetoes is None else {n: v & ~pruned[n] for n, v in vetoes.items()}
+    chosen = in_strategy_order(backend, StrategyOrder(scores, order.select), candidates, alive_vetoes, sparsity)
+    return {n: pruned[n] | chosen[n] for n in record.layers}
 
 
 def layer_counts(backend: Backend, record: ProbeRecord, before: dict[str, torch.Tensor],

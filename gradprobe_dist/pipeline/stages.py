@@ -166,8 +166,12 @@ class StageLoop:
             else:
                 masks = probe.decide(record, cfg.sparsity, **options)
         else:
-            masks = probe.apply_masks(record, round_masks(backend, record, before, round_.sparsity,
-                                                          cfg.mode, cfg.gradient_threshold, cfg.target_scope))
+            order, vetoes = probe.target_order(
+                record, gradient_threshold=cfg.gradient_threshold, veto=cfg.veto != "none",
+                veto_fraction=cfg.veto_fraction if cfg.veto == "fraction" else None) \
+                if cfg.mode == "target" else (None, None)
+            masks = probe.apply_masks(record, round_masks(backend, record, before, round_.sparsity, cfg.mode,
+                                                          cfg.gradient_threshold, cfg.target_scope, order, vetoes))
         # SparseGPT may prune weights the strategy never proposed: count only the candidates
         decided = {n: m & record.layers[n].tentative for n, m in masks.items()} if cfg.mode == "sparsegpt" else masks
         counts = layer_counts(backend, record, before, decided)

@@ -187,6 +187,18 @@ class GradProbe:
         ``self.guard_report`` says which won. Target and sparsegpt modes only."""
         return _guarded(self, record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options).masks
 
+    def target_order(self, record: ProbeRecord, *, gradient_threshold: float = 0.0,
+                     veto_fraction: float | None = None, veto: bool = True
+                     ) -> tuple[StrategyOrder | None, dict[str, torch.Tensor] | None]:
+        """What target mode decides from besides the ratios: the strategy's order of the
+        original weights (undoing an earlier decision) and the probe's vetoes (None with
+        ``veto=False``); ``(None, None)`` for a strategy without scores, whose candidates
+        the ratio alone ranks. Iterative rounds call it once per round."""
+        if not isinstance(self.strategy, ScoredStrategy):
+            return None, None
+        order = _strategy_order(self, record)
+        return order, probe_vetoes(self.backend, record, gradient_threshold, veto_fraction) if veto else None
+
     def sweep_gradient_thresholds(self, dataloader: Iterable, loss_fn: Callable | None,
                                   eval_fn: Callable[[nn.Module], float], sparsity: float = 0.5,
                                   thresholds: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.5),
@@ -344,11 +356,8 @@ def _decide(probe: GradProbe, record: ProbeRecord, sparsity: float, *, mode: str
     if reconstruct and not record.hessians:
         raise ValueError("reconstruct=True needs the layers' input Hessians: call "
                          "probe(..., hessians=True) first")
-    order = vetoes = None
-    if mode == "target" and isinstance(probe.strategy, ScoredStrategy):
-        order = _strategy_order(probe, record)
-        if veto:
-            vetoes = probe_vetoes(probe.backend, record, gradient_threshold, veto_fraction)
+    order, vetoes = probe.target_order(record, gradient_threshold=gradient_threshold,
+                                       veto_fraction=veto_fraction, veto=veto) if mode == "target" else (None, None)
     decision = decide(record, sparsity, probe.backend, mode=mode, gradient_threshold=gradient_threshold,
                       target_scope=target_scope, order=order, vetoes=vetoes)
     probe.engine.apply_masks(record.layers, decision.masks)
