@@ -187,15 +187,18 @@ def test_the_guard_keeps_the_masks_with_the_lower_calibration_loss(cls, options,
         assert torch.equal(params[name] == 0, kept[name] | (dict(dense.named_parameters())[name] == 0))
 
 
-def test_the_probe_wins_only_by_more_than_one_standard_error():
-    """A lower mean is not enough: the paired per-batch difference must clear its own standard
-    error (noise a held-out text need not share); one batch: strictly lower."""
+def test_the_probe_wins_only_by_more_than_two_standard_errors():
+    """A lower mean is not enough: the paired per-batch difference must clear twice its own
+    standard error (noise a held-out text need not share); one batch: strictly lower."""
     strategy = torch.tensor([4.0, 5.0, 3.0, 4.5], dtype=torch.float64)
-    gain = torch.tensor([0.10, 0.12, 0.08, 0.11], dtype=torch.float64)
+    gain = torch.tensor([0.10, 0.12, 0.08, 0.11], dtype=torch.float64)  # mean 0.1025, SE 0.0085
     narrow = strategy - torch.tensor([0.30, -0.28, 0.02, -0.02], dtype=torch.float64)  # mean gain 0.005
+    one_to_two = strategy - torch.tensor([-0.02, 0.12, 0.02, 0.08], dtype=torch.float64)  # 1.6 SE
     wins, error = probe_wins(strategy - gain, strategy)
     assert wins and error == pytest.approx(float(gain.std()) / 2)
     assert float((narrow - strategy).mean()) < 0 and not probe_wins(narrow, strategy)[0]
+    _, error = probe_wins(one_to_two, strategy)
+    assert error < float((strategy - one_to_two).mean()) < 2 * error and not probe_wins(one_to_two, strategy)[0]
     assert not probe_wins(strategy, strategy)[0] and not probe_wins(strategy + 0.1, strategy)[0]
     assert probe_wins(torch.tensor([1.0]), torch.tensor([1.5])) == (True, 0.0)
     assert not probe_wins(torch.tensor([1.5]), torch.tensor([1.5]))[0]

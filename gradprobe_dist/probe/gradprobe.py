@@ -183,7 +183,7 @@ class GradProbe:
         """``decide`` with the probe's veto and without it; keep the masks (and updated
         weights) with the lower mean calibration loss over ``batches`` (forward only: the
         probe's own batches or calibration batches held out from it, no evaluation data), the
-        veto's only when lower by more than a standard error (``probe.guard.probe_wins``).
+        veto's only when lower by more than two standard errors (``probe.guard.probe_wins``).
         ``self.guard_report`` says which won. Target and sparsegpt modes only."""
         return _guarded(self, record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options).masks
 
