@@ -4,6 +4,7 @@ exact and the vetoed candidates go last; a strategy without scores falls back to
 lowest gradient ratios; the calibration-loss guard keeps the better of the two; 2 FSDP2
 ranks give one process's masks."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -313,7 +314,12 @@ def test_pipeline_guard_scores_the_held_out_batches_after_the_probes(tmp_path, m
         assert len(batches) == 2 and all(torch.equal(a, b) for a, b in zip(batches, every[4:]))
     with pytest.raises(ConfigError, match="prune.guard_batches"):
         load_config(write_config(tmp_path / "bad.yaml", data, output_dir=tmp_path / "bad",
-                                 prune={"mode": "target", "guard_batches": 2}))
+                                 prune={"mode": "target", "guard": True, "veto": "fraction", "guard_batches": -1}))
+    # without the guard (e.g. prune.guard=false over a shipped config) the count is unused
+    unguarded = load_config(write_config(tmp_path / "off.yaml", data, output_dir=tmp_path / "off",
+                                         prune={"mode": "target", "guard_batches": 2})).prune
+    assert unguarded.held_out_batches == 0
+    assert "prune.guard_batches" not in dataclasses.replace(job.cfg, prune=unguarded).mask_fields()
     short = write_config(tmp_path / "short.yaml", data, output_dir=tmp_path / "short",
                          prune={"mode": "target", "strategy": "wanda", "veto": "fraction", "guard": True,
                                 "guard_batches": 40})

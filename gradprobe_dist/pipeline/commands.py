@@ -142,7 +142,7 @@ def check_inputs(cfg: RunConfig) -> list[str]:
     data, checked = cfg.data, "samples read and checked (one rank's share)"
     if data.shards:
         read_calibration(cfg, vocab_size=vocab_size)
-        lines.append(f"data.shards {data.shards}: {cfg.prune.num_batches + cfg.prune.guard_batches} "
+        lines.append(f"data.shards {data.shards}: {cfg.prune.num_batches + cfg.prune.held_out_batches} "
                      f"batches of {data.micro_batch_size} {checked}")
     if data.eval_shards:
         shard_batches(data.eval_shards, micro_batch_size=data.micro_batch_size, num_batches=data.eval_batches,

@@ -132,7 +132,7 @@ class PruneConfig:
     #: the lower calibration loss (forward only, the same batches)
     guard: bool = False
     #: guard: score on this many further calibration batches per rank, read after the probe's
-    #: num_batches and never probed (0: the probe's own batches)
+    #: num_batches and never probed (0: the probe's own batches); unused without guard
     guard_batches: int = 0
     target_scope: Literal["layer", "global"] = "layer"
     #: how the sparsity is spread over layers (kind: uniform | owl | gradient)
@@ -174,9 +174,9 @@ class PruneConfig:
         if self.allocation.kind == "gradient" and self.mode != "target":
             raise ConfigError("prune.allocation.kind=gradient needs prune.mode=target")
         self._check_sparsegpt()
-        if self.guard_batches < 0 or (self.guard_batches and not self.guard):
-            raise ConfigError(f"prune.guard_batches={self.guard_batches} are the calibration batches the "
-                              "guard scores on: give a count >= 0, and set prune.guard=true with one > 0")
+        if not is_int(self.guard_batches) or self.guard_batches < 0:
+            raise ConfigError(f"prune.guard_batches={self.guard_batches!r} counts the calibration batches "
+                              "per rank the guard scores on: give an int >= 0 (0: the probe's own)")
         if self.guard and (self.mode not in ("target", "sparsegpt") or self.veto == "none" or self.rounds != 1):
             raise ConfigError("prune.guard compares the probe's veto with the strategy's own masks: it "
                               "needs prune.mode=target or sparsegpt, prune.veto threshold or fraction, "
@@ -186,6 +186,11 @@ class PruneConfig:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"prune.strategy_options: {err}") from None
         self._check_rounds(strategy)
+
+    @property
+    def held_out_batches(self) -> int:
+        """Calibration batches per rank read after the probe's for the guard (0 without it)."""
+        return self.guard_batches if self.guard else 0
 
     def _check_sparsegpt(self) -> None:
         if not 0.0 <= self.veto_fraction <= 1.0:
@@ -258,8 +263,8 @@ class RunConfig:
             fields.update({"prune.veto": p.veto, "prune.veto_fraction": p.veto_fraction})
         if p.guard:
             fields["prune.guard"] = True
-        if p.guard_batches:
-            fields["prune.guard_batches"] = p.guard_batches
+        if p.held_out_batches:
+            fields["prune.guard_batches"] = p.held_out_batches
         if p.rounds > 1:
             fields.update({"prune.rounds": p.rounds, "prune.schedule": p.schedule})
         return {"model": self._model_fields(), **fields, "data.shards": self.data.shards,

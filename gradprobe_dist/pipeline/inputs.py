@@ -14,14 +14,14 @@ from gradprobe_dist.pipeline.config import RunConfig
 def read_calibration(cfg: RunConfig, *, rank: int = 0, world_size: int = 1,
                      vocab_size: int | None = None) -> list:
     """This rank's calibration micro-batches: the probe's ``prune.num_batches``, then the
-    guard's ``prune.guard_batches``; too few samples is an error naming both fields."""
+    guard's ``prune.guard_batches`` (with ``prune.guard``); too few samples is an error naming both fields."""
     p = cfg.prune
     try:
         return shard_batches(cfg.data.shards, micro_batch_size=cfg.data.micro_batch_size,
-                             num_batches=p.num_batches + p.guard_batches, rank=rank,
+                             num_batches=p.num_batches + p.held_out_batches, rank=rank,
                              world_size=world_size, vocab_size=vocab_size)
     except ValueError as err:
-        if not p.guard_batches or "needs micro_batch_size*num_batches" not in str(err):
+        if not p.held_out_batches or "needs micro_batch_size*num_batches" not in str(err):
             raise
         raise ValueError(f"{err} (prune.num_batches={p.num_batches} + prune.guard_batches="
                          f"{p.guard_batches}: lower either)") from None
