@@ -294,8 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
     eval_batches = lm_batches(consecutive_windows(valid, args.eval_windows, args.eval_context), 4)
     report = {"meta": run_meta(args.smoke, model="a tiny random LLaMA (smoke)" if args.smoke else "SmolLM2-135M-Instruct",
                                calibration=f"{args.batches} batches of {args.micro_batch} x {args.context} tokens "
-                                           "of the bundled training excerpt (guard: "
-                                           f"{args.guard_batches or 'the probe'}'s batches)",
+                                           "of the bundled training excerpt (the guard scores "
+                                           + (f"{args.guard_batches} held-out batches)" if args.guard_batches
+                                              else "the probe's own)"),
                                evaluation=f"{args.eval_windows} windows of {args.eval_context} tokens of the "
                                           "bundled validation excerpt (Hamlet)",
                                prunable_weights=sum(p.numel() for n, p in dense.named_parameters() if n in names),
