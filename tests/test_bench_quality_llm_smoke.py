@@ -3,6 +3,8 @@ sparsity, 2:4 rows follow the pattern (both asserted by the bench), and target m
 veto is exactly Wanda (the same perplexity)."""
 import json
 
+import pytest
+
 from bench import quality_llm
 
 
@@ -14,7 +16,13 @@ def test_smoke_rows_and_reports(tmp_path):
         methods = [r["method"] for r in rows if r["group"] == group]
         assert len(methods) == 5 and all(abs(r["sparsity"] - 0.5) < 1e-6 for r in rows if r["group"] == group)
     guarded = [r for r in rows if "guard" in r]
-    assert len(guarded) == 4 and all(r["guard"]["kept"] in ("probe veto", "strategy") for r in guarded)
+    assert len(guarded) == 5 and all(r["guard"]["kept"] in ("probe veto", "probe threshold", "strategy")
+                                     for r in guarded)
+    threshold = [r for r in rows if r["group"] == "0.5 threshold"]
+    if threshold[0]["guard"]["kept"] == "strategy":  # Wanda at the sparsity it reached, up to a weight per row
+        wanda = next(r for r in threshold if r["method"] == "Wanda")
+        assert threshold[0]["perplexity"] == pytest.approx(wanda["perplexity"], rel=1e-3)
+        assert 0 <= threshold[0]["sparsity"] - wanda["sparsity"] < 1 / 32  # hidden size 32
     assert json.loads((tmp_path / "quality_llm-smoke.json").read_text())["rows"] == rows
     assert "## 2:4" in (tmp_path / "quality_llm-smoke.md").read_text()
 

@@ -205,8 +205,37 @@ def test_the_probe_wins_only_by_more_than_two_standard_errors():
     assert not probe_wins(torch.tensor([1.5]), torch.tensor([1.5]))[0]
 
 
+@pytest.mark.parametrize("cls, options", [(WandaPruning, {}), (MagnitudePruning, {}),
+                                          (MagnitudePruning, {"scope": "global"})])
+def test_threshold_mode_without_the_probe_is_the_strategy_at_the_sparsity_reached(cls, options):
+    """The guard's other side in threshold mode: the strategy's own masks, by its own rule,
+    at the overall sparsity the threshold decision reached (what a user compares against)."""
+    probe = GradProbe(_model(), cls(**options))
+    record = probe.probe(_data(), LOSS, 0.5, 4, 0.1)
+    threshold = probe.decide(record, 0.5, mode="threshold")
+    own = probe.decide(record, 0.5, mode="threshold", veto=False)
+    numel = sum(m.numel() for m in threshold.values())
+    reached = sum(int(m.sum()) for m in threshold.values()) / numel
+    assert 0.05 < reached < 0.5  # the probe restored some candidates: a lower sparsity to match
+    expected = _strategy_alone(cls(**options), reached)
+    assert any(not torch.equal(threshold[n], own[n]) for n in own)
+    for name, mask in own.items():
+        assert torch.equal(mask, expected[name]), name
+        assert not bool((mask & ~record.layers[name].tentative).any())  # inside the candidates
+    assert abs(sum(int(m.sum()) for m in own.values()) / numel - reached) < 1 / 24  # < a weight per row
+
+
+def test_threshold_mode_guard_refuses_what_it_cannot_compare_before_probing():
+    for strategy, match in ((MasksOnly(), "gives no scores"), (WandaPruning(pattern="2:4"), "2:4 pattern")):
+        model = _model()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with pytest.raises(ValueError, match=match):
+            GradProbe(model, strategy).prune(_data(), LOSS, 0.5, 4, mode="threshold", guard=True)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 @pytest.mark.parametrize("veto_wins", [True, False])
-@pytest.mark.parametrize("mode", ["target", "sparsegpt"])
+@pytest.mark.parametrize("mode", ["target", "sparsegpt", "threshold"])
 def test_the_guard_takes_either_side(monkeypatch, veto_wins, mode):
     """Whichever side measures lower is kept, masks and (SparseGPT's) updated weights alike."""
     low, high = torch.tensor([1.0, 1.2, 0.9, 1.1]), torch.tensor([2.0, 2.1, 2.2, 1.9])
@@ -216,13 +245,15 @@ def test_the_guard_takes_either_side(monkeypatch, veto_wins, mode):
     for veto in (True, False):
         m = _model()
         p = GradProbe(m, WandaPruning())
-        record = p.probe(_data(), LOSS, 0.5, 4, 0.1, oversample=1.5, hessians=mode == "sparsegpt")
+        record = p.probe(_data(), LOSS, 0.5, 4, 0.1, oversample=1.0 if mode == "threshold" else 1.5,
+                         hessians=mode == "sparsegpt")
         reference[veto] = (p.decide(record, 0.5, mode=mode, veto_fraction=0.3, veto=veto),
                            {n: t.detach().clone() for n, t in m.named_parameters()})
     model = _model()
     probe = GradProbe(model, WandaPruning())
     masks = probe.prune(_data(), LOSS, 0.5, 4, mode=mode, veto_fraction=0.3, guard=True)
-    assert probe.guard_report["kept"] == ("probe veto" if veto_wins else "strategy")
+    assert probe.guard_report["kept"] == (("probe threshold" if mode == "threshold" else "probe veto")
+                                          if veto_wins else "strategy")
     want_masks, want_weights = reference[veto_wins]
     assert any(not torch.equal(reference[True][0][n], reference[False][0][n]) for n in masks)
     for name, param in model.named_parameters():
@@ -281,9 +312,31 @@ def test_pipeline_guard_per_stage_and_veto_none_is_the_strategy(tmp_path, log_li
                           prune={"mode": "sparsegpt", "strategy": "wanda", "veto": "fraction", "guard": True})
     job_for(config).run()  # SparseGPT with the guard: both sides updated weights, one kept per stage
     assert len([line for line in log_lines if "guard (rank 0)" in line]) == 2 * len(STAGE_LAYERS)
-    with pytest.raises(ConfigError, match="prune.guard"):
-        load_config(write_config(tmp_path / "bad.yaml", data, output_dir=tmp_path / "bad",
-                                 prune={"mode": "threshold", "guard": True}))
+    for bad, match in (({"mode": "target", "veto": "none", "guard": True}, "prune.guard compares"),
+                       ({"mode": "threshold", "guard": True, "strategy_options": {"pattern": "2:4"}},
+                        "prune.guard in threshold mode .* 2:4 pattern cannot express")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(write_config(tmp_path / "bad.yaml", data, output_dir=tmp_path / "bad", prune=bad))
+
+
+def test_pipeline_threshold_mode_guard_per_stage(tmp_path, log_lines):
+    """Threshold mode with ``prune.guard``: every stage compares the probe's threshold decision
+    with the strategy's own masks at the sparsity that decision reached, and keeps one."""
+    from gradprobe_dist.checkpoint.store import load_masks
+    from test_pipeline import STAGE_LAYERS, job_for, make_tiny_data, write_config
+
+    data = make_tiny_data(tmp_path / "data")
+    masks = {}
+    for guard in (False, True):
+        config = write_config(tmp_path / f"{guard}.yaml", data, output_dir=tmp_path / str(guard),
+                              prune={"mode": "threshold", "strategy": "wanda", "guard": guard})
+        job_for(config).run()
+        masks[guard] = load_masks(tmp_path / str(guard))
+    guarded = [line for line in log_lines if "guard (rank 0)" in line]
+    assert len(guarded) == len(STAGE_LAYERS)
+    first = guarded[0]  # the first stage starts from the same dense model in both runs
+    same = all(torch.equal(masks[False][n], masks[True][n]) for n in STAGE_LAYERS[0])
+    assert ("keeping the probe threshold masks" in first) == same, first
 
 
 def test_pipeline_guard_scores_the_held_out_batches_after_the_probes(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import yaml
 
 from gradprobe_dist.strategies.allocation import Allocation
 from gradprobe_dist.probe.stats import STATISTICS
-from gradprobe_dist.probe.validation import check_prune_args, check_threshold, is_int
+from gradprobe_dist.probe.validation import check_guard, check_prune_args, check_threshold, is_int
 
 PARALLEL_MODES = ("none", "ddp", "fsdp", "zero3")
 MODEL_KINDS = ("tinygpt", "mlp", "hf")
@@ -123,13 +123,15 @@ class PruneConfig:
     #: target and sparsegpt modes, which candidates the probe vetoes (ranked after every
     #: other candidate in the strategy's / SparseGPT's order): threshold (gradient ratio
     #: above 1 + gradient_threshold), fraction (veto_fraction of each layer's highest ratios),
-    #: or none (target: the strategy's own masks, no probe, at most one forward pass per stage;
+    #: loss_change (veto_fraction of each layer's highest estimated loss changes of zeroing
+    #: the weight, from signed gradients of the same two passes: probe/estimate.py), or none (target: the strategy's own masks, no probe, at most one forward pass per stage;
     #: sparsegpt: plain SparseGPT, no probe, one forward pass per stage, the strategy only
     #: supplies its N:M pattern)
-    veto: Literal["threshold", "fraction", "none"] = "threshold"
+    veto: Literal["threshold", "fraction", "loss_change", "none"] = "threshold"
     veto_fraction: float = 0.1
-    #: target/sparsegpt mode: per stage, also decide without the veto and keep the masks with
-    #: the lower calibration loss (forward only, the same batches)
+    #: per stage, also decide without the probe (the strategy's own masks, in threshold mode at
+    #: the sparsity the probe reached; plain SparseGPT) and keep the probe's masks only when
+    #: their calibration loss is lower by two standard errors (forward only)
     guard: bool = False
     #: guard: score on this many further calibration batches per rank, read after the probe's
     #: num_batches and never probed (0: the probe's own batches); unused without guard
@@ -148,7 +150,7 @@ class PruneConfig:
     schedule: Literal["cubic", "linear"] = "cubic"
 
     def __post_init__(self):
-        from gradprobe_dist.strategies import STRATEGIES, build_strategy
+        from gradprobe_dist.strategies import STRATEGIES, ScoredStrategy, build_strategy
 
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"prune.strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
@@ -177,15 +179,26 @@ class PruneConfig:
         if not is_int(self.guard_batches) or self.guard_batches < 0:
             raise ConfigError(f"prune.guard_batches={self.guard_batches!r} counts the calibration batches "
                               "per rank the guard scores on: give an int >= 0 (0: the probe's own)")
-        if self.guard and (self.mode not in ("target", "sparsegpt") or self.veto == "none" or self.rounds != 1):
-            raise ConfigError("prune.guard compares the probe's veto with the strategy's own masks: it "
-                              "needs prune.mode=target or sparsegpt, prune.veto threshold or fraction, "
-                              "and prune.rounds=1; set prune.guard=false otherwise")
+        if self.guard and ((self.mode != "threshold" and self.veto == "none") or self.rounds != 1):
+            raise ConfigError("prune.guard compares the probe's decision with the strategy's own masks: "
+                              "it needs prune.rounds=1 and, in target or sparsegpt mode, prune.veto "
+                              "threshold or fraction; set prune.guard=false otherwise")
         try:
             strategy = build_strategy(self.strategy, **self.strategy_options)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"prune.strategy_options: {err}") from None
+        if self.guard:
+            try:
+                check_guard(self.mode, strategy.get_name(), isinstance(strategy, ScoredStrategy),
+                            getattr(strategy, "nm", None))
+            except ValueError as err:
+                raise ConfigError(f"prune.{err}") from None
         self._check_rounds(strategy)
+
+    def veto_options(self) -> dict[str, Any]:
+        """``prune.veto`` as the library's veto options (``veto_fraction``, ``veto_by``)."""
+        return {"veto_fraction": self.veto_fraction if self.veto in ("fraction", "loss_change") else None,
+                "veto_by": "loss_change" if self.veto == "loss_change" else "ratio"}
 
     @property
     def held_out_batches(self) -> int:

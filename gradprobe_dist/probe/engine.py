@@ -31,12 +31,21 @@ from gradprobe_dist.strategies.activations import collect_input_sq_norms
 
 
 @dataclass
-class Baseline:
-    """What the baseline pass measured: the statistic per weight, this rank's input-feature
-    norms (for activation-aware strategies) and the rank-averaged input Hessians (or None),
-    each matrix on its owner rank."""
+class GradientPass:
+    """One pass over the batches: the statistic per weight, the signed mean gradient per
+    weight (only when asked for), and the mean loss over the batches and ranks."""
 
     stats: dict[str, torch.Tensor]
+    signed: dict[str, torch.Tensor]
+    loss: float | None
+
+
+@dataclass
+class Baseline(GradientPass):
+    """What the baseline pass measured, and this rank's input-feature norms (for
+    activation-aware strategies) and the rank-averaged input Hessians (or None), each matrix
+    on its owner rank."""
+
     input_sq_norms: dict[str, torch.Tensor]
     hessians: Hessians | None
 
@@ -80,79 +89,99 @@ class ProbeEngine:
 
     # -- the two passes ----------------------------------------------------------------------
     def baseline(self, batches: list, loss_of: LossOfBatch, verbose: bool, *,
-                 norms_of: dict[str, nn.Module], hessians_of: dict[str, nn.Module] | None) -> Baseline:
+                 norms_of: dict[str, nn.Module], hessians_of: dict[str, nn.Module] | None,
+                 signed: bool = False) -> Baseline:
         """The first pass; forward hooks on ``norms_of``/``hessians_of`` collect input norms and
-        Hessians on the way (no extra pass). ``hessians_of=None``: no Hessians."""
+        Hessians on the way (no extra pass). ``hessians_of=None``: no Hessians. ``signed``:
+        also the signed mean gradients (for loss-change estimates)."""
         with self.prefix.recording():
-            return self._measured(lambda: self.gradient_pass(batches, loss_of, "baseline", verbose),
+            return self._measured(lambda: self.gradient_pass(batches, loss_of, "baseline", verbose, signed),
                                   norms_of, hessians_of)
 
     def forward_pass(self, batches: list, loss_of: LossOfBatch, verbose: bool, *,
                      norms_of: dict[str, nn.Module], hessians_of: dict[str, nn.Module] | None) -> Baseline:
         """``baseline`` without the backward (its ``stats`` empty): what a strategy selecting
         without the probe needs (Wanda's input norms; Hessians to reconstruct)."""
-        def forward_only() -> dict[str, torch.Tensor]:
+        def forward_only() -> GradientPass:
             bar = tqdm(batches, desc="forward pass", disable=not (verbose and self.backend.is_main), leave=False)
             with torch.no_grad():
                 loss_finite = [torch.isfinite(loss_of(self.module, to_device(batch, self.backend.device)))
                                for batch in bar]
             self._check_pass_finite({}, loss_finite, batches, loss_of, "forward")
-            return {}
+            return GradientPass({}, {}, None)
         return self._measured(forward_only, norms_of, hessians_of)
 
     def _measured(self, run_pass, norms_of: dict[str, nn.Module],
                   hessians_of: dict[str, nn.Module] | None) -> Baseline:
-        """``run_pass()`` (-> the statistics) with the input hooks of ``baseline`` around it."""
+        """``run_pass()`` (-> a ``GradientPass``) with the input hooks of ``baseline`` around it."""
         with collect_input_sq_norms(norms_of) as norms, collect_input_hessians(hessians_of or {}) as local:
-            stats = run_pass()
+            measured = run_pass()
         hessians = average_over_ranks(local, self.backend) if hessians_of is not None else None
-        return Baseline(stats, norms, hessians)
+        return Baseline(measured.stats, measured.signed, measured.loss, norms, hessians)
 
     def reduced(self, batches: list, loss_of: LossOfBatch, tentative: dict[str, torch.Tensor],
-                baseline: dict[str, torch.Tensor], reduction_factor: float,
-                verbose: bool) -> dict[str, LayerProbe]:
+                baseline: Baseline, reduction_factor: float,
+                verbose: bool) -> tuple[dict[str, LayerProbe], float]:
         """Scale the ``tentative`` weights by ``reduction_factor``, replay the batches, restore
-        every weight; returns each layer's old and new statistic at its tentative positions."""
+        every weight; returns each layer's old and new statistic (and signed mean gradients
+        when the baseline has them) at its tentative positions, and the pass's mean loss.
+        The baseline's full-size statistics are consumed (kept only at the candidates)."""
+        signed = bool(baseline.signed)  # before scaling, which consumes the baseline
         layers = self._scale_selected(tentative, baseline, reduction_factor)
         try:
             with self.prefix.replaying():
-                reduced = self.gradient_pass(batches, loss_of, "reduced", verbose)
+                reduced = self.gradient_pass(batches, loss_of, "reduced", verbose, signed=signed)
         finally:
             self.restore(layers)
         for name, layer in layers.items():
-            layer.new = reduced.pop(name).masked_select(layer.tentative.to(self._stat_device(name)))
-        return layers
+            at = layer.tentative.to(self._stat_device(name))
+            layer.new = reduced.stats.pop(name).masked_select(at)
+            if reduced.signed:
+                layer.new_signed = reduced.signed.pop(name).masked_select(at)
+        return layers, reduced.loss
 
-    def gradient_pass(self, batches: list, loss_of: LossOfBatch, label: str,
-                      verbose: bool) -> dict[str, torch.Tensor]:
-        """Forward + backward of every batch, each weight's gradient folded into its statistic."""
+    def gradient_pass(self, batches: list, loss_of: LossOfBatch, label: str, verbose: bool,
+                      signed: bool = False) -> GradientPass:
+        """Forward + backward of every batch, each weight's gradient folded into its statistic
+        (and, with ``signed``, into a running sum for its signed mean)."""
         backend = self.backend
         acc = {n: statistics.new_accumulator(backend.local_weight(n), self.stat_dtype,
                                              self._stat_device(n)) for n in self.param_names}
+        sums = {n: statistics.new_accumulator(backend.local_weight(n), self.stat_dtype, self._stat_device(n))
+                for n in self.param_names} if signed else {}
         bar = tqdm(batches, desc=f"{label} pass", disable=not (verbose and backend.is_main),
                    leave=False)
-        loss_finite = []
+        losses = []
         for index, batch in enumerate(bar):
             self.prefix.select(index)
             loss = loss_of(self.module, to_device(batch, backend.device))
-            loss_finite.append(torch.isfinite(loss.detach()))  # no sync: read once per pass
+            losses.append(loss.detach())  # no sync: read once per pass
             backend.backward(loss)
             for name in self.param_names:
-                statistics.accumulate(acc[name], self._local_grad(name, index), self.statistic)
+                grad = self._local_grad(name, index)
+                statistics.accumulate(acc[name], grad, self.statistic)
+                if signed:
+                    sums[name].add_(grad.detach().to(device=sums[name].device, dtype=sums[name].dtype))
             backend.zero_grad()
-        self._check_pass_finite(acc, loss_finite, batches, loss_of, label)
-        return {n: statistics.finalize(a, self.statistic, len(batches)) for n, a in acc.items()}
+        self._check_pass_finite(acc, [torch.isfinite(loss) for loss in losses], batches, loss_of, label)
+        total = backend.all_reduce(torch.stack(losses).double().sum().reshape(1).to(backend.device), "sum")
+        return GradientPass({n: statistics.finalize(a, self.statistic, len(batches)) for n, a in acc.items()},
+                            {n: s.div_(len(batches)) for n, s in sums.items()},
+                            float(total) / (backend.world_size * len(batches)))
 
     # -- weight edits ------------------------------------------------------------------------
-    def _scale_selected(self, tentative: dict[str, torch.Tensor], baseline: dict[str, torch.Tensor],
+    def _scale_selected(self, tentative: dict[str, torch.Tensor], baseline: Baseline,
                         reduction_factor: float) -> dict[str, LayerProbe]:
         """Save the selected originals, keep the baseline only where selected, scale down."""
         layers = {}
         with torch.no_grad():
             for name, mask in tentative.items():
                 w = self.backend.local_weight(name)
-                old = baseline.pop(name).masked_select(mask.to(self._stat_device(name)))
-                layers[name] = LayerProbe(tentative=mask, old=old, originals=w.masked_select(mask))  # a copy
+                at = mask.to(self._stat_device(name))
+                old = baseline.stats.pop(name).masked_select(at)
+                old_signed = baseline.signed.pop(name).masked_select(at) if baseline.signed else None
+                layers[name] = LayerProbe(tentative=mask, old=old, originals=w.masked_select(mask),  # a copy
+                                          old_signed=old_signed)
                 # x * 1.0 is exact, so unselected weights keep their bits
                 w.mul_(torch.where(mask, reduction_factor, 1.0).to(w.dtype))
         self.backend.commit_weights(self.param_names)

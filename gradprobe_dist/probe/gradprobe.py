@@ -30,11 +30,12 @@ from gradprobe_dist.probe.guard import guarded, scored_batches
 from gradprobe_dist.probe.params import find_prunable
 from gradprobe_dist.probe.prefix import FrozenPrefix
 from gradprobe_dist.probe.record import ProbeRecord
-from gradprobe_dist.probe.target import StrategyOrder
+from gradprobe_dist.probe.target import StrategyOrder, in_strategy_order
 from gradprobe_dist.probe.tentative import (allocate_layers, check_allocation, check_pattern, nm_pattern,
                                             select_tentative, selection_context)
-from gradprobe_dist.probe.validation import check_mode, check_prune_args, check_selection_args, check_threshold
-from gradprobe_dist.probe.veto import check_fraction, probe_vetoes, sparsegpt_with_veto
+from gradprobe_dist.probe.validation import (check_guard, check_mode, check_prune_args, check_selection_args,
+                                             check_threshold)
+from gradprobe_dist.probe.veto import check_fraction, check_veto_by, probe_vetoes, sparsegpt_with_veto
 from gradprobe_dist.reconstruct.apply import compensate, reconstruct_from
 from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.strategies.allocation import Allocation, redundancy_scores
@@ -99,7 +100,7 @@ class GradProbe:
               compute_loss: LossOfBatch | None = None, mode: str = "threshold",
               oversample: float = 1.5, target_scope: str = "layer",
               allocation: Allocation | None = None, reconstruct: bool = False,
-              veto_fraction: float | None = None, guard: bool = False,
+              veto_fraction: float | None = None, veto_by: str = "ratio", guard: bool = False,
               guard_batches: Iterable | None = None) -> dict[str, torch.Tensor]:
         """Probe and prune in place; returns masks (True = pruned) keyed by parameter name.
 
@@ -124,9 +125,13 @@ class GradProbe:
         candidates, those whose gradient ratio exceeds ``1 + gradient_threshold`` (or, with
         ``veto_fraction``, that share of each layer's candidates with the highest ratios) are
         pruned only when SparseGPT's quota cannot be met without them
-        (``gradprobe_dist.probe.veto``). ``guard=True`` (target and sparsegpt modes) also
-        decides without the veto (the strategy's own masks, plain SparseGPT) and keeps
-        whichever has the lower calibration loss (``decide_guarded``), measured on
+        (``gradprobe_dist.probe.veto``). ``veto_by="loss_change"`` (with ``veto_fraction``)
+        ranks the candidates by the estimated loss change of zeroing them instead of the
+        ratio (``gradprobe_dist.probe.estimate``; the passes then also keep signed mean
+        gradients). ``guard=True`` also decides without the probe (the
+        strategy's own masks: in threshold mode at the sparsity the probe's decision reached;
+        plain SparseGPT) and keeps whichever has the lower calibration loss
+        (``decide_guarded``), measured on
         ``guard_batches`` when given (calibration batches the probe does not use: the rounds
         of ``iterative_prune`` fit the probe's own batches), else on the probe's batches.
         Masks have the local shape of each weight (the full shape unless the backend shards).
@@ -135,16 +140,24 @@ class GradProbe:
         check_prune_args(sparsity, num_batches, reduction_factor, gradient_threshold)
         check_mode(mode, oversample, target_scope)
         check_fraction(veto_fraction)
+        if veto_by != "ratio" and mode == "threshold":
+            raise ValueError(f"veto_by={veto_by!r} ranks the vetoed candidates of mode='target' or "
+                             "'sparsegpt'; threshold mode decides by the gradient ratio: drop veto_by")
+        check_veto_by(veto_by, veto_fraction)
         check_pattern(self.strategy, sparsity)
         check_allocation(allocation, mode, target_scope, self.strategy)
+        if guard:
+            check_guard(mode, self.strategy.get_name(), isinstance(self.strategy, ScoredStrategy),
+                        nm_pattern(self.strategy))
         batches = take_batches(dataloader, num_batches)
         scored = scored_batches(guard, guard_batches, batches)
         record = self.probe(batches, loss_fn, sparsity, num_batches, reduction_factor,
                             verbose, compute_loss=compute_loss, allocation=allocation,
                             oversample=oversample if mode in ("target", "sparsegpt") else 1.0,
-                            hessians=reconstruct or mode == "sparsegpt")
+                            hessians=reconstruct or mode == "sparsegpt",
+                            signed_gradients=veto_by == "loss_change" and mode != "threshold")
         options = dict(mode=mode, gradient_threshold=gradient_threshold, target_scope=target_scope,
-                       reconstruct=reconstruct, veto_fraction=veto_fraction)
+                       reconstruct=reconstruct, veto_fraction=veto_fraction, veto_by=veto_by)
         decision = _guarded(self, record, sparsity, scored, make_loss_of_batch(loss_fn, compute_loss), **options) \
             if guard else _decide(self, record, sparsity, **options)
         if verbose:
@@ -167,15 +180,16 @@ class GradProbe:
     def decide(self, record: ProbeRecord, sparsity: float, *, mode: str = "threshold",
                gradient_threshold: float = 0.0, target_scope: str = "layer",
                reconstruct: bool = False, veto_fraction: float | None = None,
-               veto: bool = True) -> dict[str, torch.Tensor]:
+               veto_by: str = "ratio", veto: bool = True) -> dict[str, torch.Tensor]:
         """Turn a probe's record into masks and apply them (see ``prune`` for the options);
         the pipeline calls ``probe`` and ``decide`` separately to checkpoint in between.
-        ``veto=False``: target and sparsegpt modes ignore the probe (the strategy's own masks,
-        plain SparseGPT), what ``decide_guarded`` compares against.
+        ``veto=False``: the decision without the probe, what ``decide_guarded`` compares
+        against: the strategy's own masks (in threshold mode at the overall sparsity the
+        threshold decision reached), plain SparseGPT.
         The pure decision is ``gradprobe_dist.probe.decision.decide``."""
         return _decide(self, record, sparsity, mode=mode, gradient_threshold=gradient_threshold,
                             target_scope=target_scope, reconstruct=reconstruct,
-                            veto_fraction=veto_fraction, veto=veto).masks
+                            veto_fraction=veto_fraction, veto_by=veto_by, veto=veto).masks
 
     def decide_guarded(self, record: ProbeRecord, sparsity: float, batches: list,
                        loss_fn: Callable | None = None, *, compute_loss: LossOfBatch | None = None,
@@ -184,11 +198,12 @@ class GradProbe:
         weights) with the lower mean calibration loss over ``batches`` (forward only: the
         probe's own batches or calibration batches held out from it, no evaluation data), the
         veto's only when lower by more than two standard errors (``probe.guard.probe_wins``).
-        ``self.guard_report`` says which won. Target and sparsegpt modes only."""
+        ``self.guard_report`` says which won. Threshold mode compares with the strategy at
+        the sparsity the threshold decision reached (a scored strategy without N:M pattern)."""
         return _guarded(self, record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options).masks
 
     def target_order(self, record: ProbeRecord, *, gradient_threshold: float = 0.0,
-                     veto_fraction: float | None = None, veto: bool = True
+                     veto_fraction: float | None = None, veto_by: str = "ratio", veto: bool = True
                      ) -> tuple[StrategyOrder | None, dict[str, torch.Tensor] | None]:
         """What target mode decides from besides the ratios: the strategy's order of the
         original weights (undoing an earlier decision) and the probe's vetoes (None with
@@ -197,7 +212,7 @@ class GradProbe:
         if not isinstance(self.strategy, ScoredStrategy):
             return None, None
         order = _strategy_order(self, record)
-        return order, probe_vetoes(self.backend, record, gradient_threshold, veto_fraction) if veto else None
+        return order, probe_vetoes(self.backend, record, gradient_threshold, veto_fraction, veto_by) if veto else None
 
     def sweep_gradient_thresholds(self, dataloader: Iterable, loss_fn: Callable | None,
                                   eval_fn: Callable[[nn.Module], float], sparsity: float = 0.5,
@@ -271,14 +286,17 @@ class GradProbe:
     def probe(self, dataloader: Iterable, loss_fn: Callable | None, sparsity: float,
               num_batches: int, reduction_factor: float, verbose: bool = False, *,
               compute_loss: LossOfBatch | None = None, oversample: float = 1.0,
-              allocation: Allocation | None = None, hessians: bool = False) -> ProbeRecord:
+              allocation: Allocation | None = None, hessians: bool = False,
+              signed_gradients: bool = False) -> ProbeRecord:
         """Run both gradient passes; return what they measured. The weights end unchanged.
 
         The strategy tentatively selects ``oversample`` x ``sparsity`` of each layer (capped at
         1), with ``sparsity`` spread over layers by an ``owl`` allocation; a ``gradient``
         allocation is computed after the passes. Either is kept in the record's (and
         ``self``'s) ``layer_sparsity``.
-        ``hessians=True`` also records each Linear layer's input Hessian (for reconstruction).
+        ``hessians=True`` also records each Linear layer's input Hessian (for reconstruction);
+        ``signed_gradients=True`` the candidates' signed mean gradients in both passes (for the
+        loss-change estimates of ``gradprobe_dist.probe.estimate``, ``veto_by="loss_change"``).
         """
         check_prune_args(sparsity, num_batches, reduction_factor, 0.0)
         if sparsity * oversample >= 1.0 and self.backend.is_main:
@@ -292,13 +310,17 @@ class GradProbe:
         with self.engine.session() as engine:
             baseline = engine.baseline(
                 batches, loss_of, verbose, norms_of=self.owners if self.strategy.needs_activations or owl else {},
-                hessians_of=self.owners if hessians else None)
+                hessians_of=self.owners if hessians else None, signed=signed_gradients)
             tentative, context, layer_sparsity = select_tentative(
                 self.strategy, self.backend, self.model, self.owners, baseline.input_sq_norms, sparsity,
                 oversample, allocation)
-            layers = engine.reduced(batches, loss_of, tentative, baseline.stats, reduction_factor, verbose)
+            layers, reduced_loss = engine.reduced(batches, loss_of, tentative, baseline, reduction_factor, verbose)
         record = ProbeRecord(layers, context.slices, baseline.hessians, layer_sparsity,
-                             nm_pattern(self.strategy), context.transposed, context.input_sq_norms)
+                             nm_pattern(self.strategy), context.transposed, context.input_sq_norms,
+                             reduction_factor, (baseline.loss, reduced_loss))
+        if verbose and self.backend.is_main:
+            log.info("probe: mean calibration loss %.4f, %.4f with the candidates scaled to %g x",
+                     baseline.loss, reduced_loss, reduction_factor)
         if allocation is not None and allocation.kind == "gradient":
             record = dataclasses.replace(record, layer_sparsity=allocate_layers(
                 allocation, sparsity, redundancy_scores(record, self.backend), self.backend, record))
@@ -320,21 +342,17 @@ def _guarded(probe: GradProbe, record: ProbeRecord, sparsity: float, batches: li
     """``decide_guarded``'s work: both decisions, the one with the lower calibration loss kept."""
     mode = options.pop("mode", "threshold")
     options.pop("veto", None)
-    if mode not in ("target", "sparsegpt"):
-        raise ValueError(f"guard compares the probe's veto with the strategy's own masks: it "
-                         f"needs mode='target' or 'sparsegpt' (got {mode!r})")
-    if mode == "target" and not isinstance(probe.strategy, ScoredStrategy):
-        raise ValueError(f"guard needs the strategy's own order, but {probe.strategy.get_name()} "
-                         "gives no scores: implement scores() (see ScoredStrategy) or drop guard")
+    check_guard(mode, probe.strategy.get_name(), isinstance(probe.strategy, ScoredStrategy), record.nm)
     updates_weights = mode == "sparsegpt" or options.get("reconstruct", False)
     kept, probe.guard_report = guarded(
         probe.engine, record.layers, batches, loss_of,
         lambda veto: _decide(probe, record, sparsity, mode=mode, veto=veto, **options),
-        None if updates_weights else lambda vetoed: probe.engine.apply_masks(record.layers, vetoed.masks))
+        None if updates_weights else lambda vetoed: probe.engine.apply_masks(record.layers, vetoed.masks),
+        probe_label="probe threshold" if mode == "threshold" else "probe veto")
     probe.masks, probe.equivalent_threshold = kept.masks, kept.equivalent_threshold
     if probe.backend.is_main:
-        log.info("guard (rank 0): calibration loss %.5f with the probe's veto, %.5f without (standard "
-                 "error of the difference %.5f): keeping the %s masks", probe.guard_report["veto_loss"],
+        log.info("guard (rank 0): calibration loss %.5f with the probe, %.5f without (standard error of "
+                 "the difference %.5f): keeping the %s masks", probe.guard_report["veto_loss"],
                  probe.guard_report["strategy_loss"], probe.guard_report["difference_se"],
                  probe.guard_report["kept"])
     return kept
@@ -342,24 +360,28 @@ def _guarded(probe: GradProbe, record: ProbeRecord, sparsity: float, batches: li
 
 def _decide(probe: GradProbe, record: ProbeRecord, sparsity: float, *, mode: str = "threshold",
             gradient_threshold: float = 0.0, target_scope: str = "layer", reconstruct: bool = False,
-            veto_fraction: float | None = None, veto: bool = True) -> Decision:
+            veto_fraction: float | None = None, veto_by: str = "ratio", veto: bool = True) -> Decision:
     """The pure decision, applied to the weights (and reconstructed), kept as the results."""
     check_fraction(veto_fraction)
     if mode == "sparsegpt":
         check_mode(mode, 1.0, target_scope)
         check_threshold(gradient_threshold)
         masks = sparsegpt_with_veto(probe.backend, record, sparsity, gradient_threshold, veto_fraction,
-                                    reconstruct, veto=veto)
+                                    reconstruct, veto=veto, by=veto_by)
         decision = counted(record, masks, probe.backend)
         probe.masks, probe.equivalent_threshold = decision.masks, None
         return decision
     if reconstruct and not record.hessians:
         raise ValueError("reconstruct=True needs the layers' input Hessians: call "
                          "probe(..., hessians=True) first")
-    order, vetoes = probe.target_order(record, gradient_threshold=gradient_threshold,
-                                       veto_fraction=veto_fraction, veto=veto) if mode == "target" else (None, None)
-    decision = decide(record, sparsity, probe.backend, mode=mode, gradient_threshold=gradient_threshold,
-                      target_scope=target_scope, order=order, vetoes=vetoes)
+    if mode == "threshold" and not veto:
+        decision = _strategy_at_reached_sparsity(probe, record, sparsity, gradient_threshold)
+    else:
+        order, vetoes = probe.target_order(record, gradient_threshold=gradient_threshold,
+                                           veto_fraction=veto_fraction, veto_by=veto_by,
+                                           veto=veto) if mode == "target" else (None, None)
+        decision = decide(record, sparsity, probe.backend, mode=mode, gradient_threshold=gradient_threshold,
+                          target_scope=target_scope, order=order, vetoes=vetoes)
     probe.engine.apply_masks(record.layers, decision.masks)
     if reconstruct:
         compensate(probe.backend, record, decision.masks, transposed=record.transposed)
@@ -385,7 +407,7 @@ def _by_strategy(probe: GradProbe, dataloader: Iterable, loss_of: LossOfBatch, s
                                            norms_of=norms_of, hessians_of=probe.owners if reconstruct else None)
         else:  # nothing to measure: still refuse NaN/inf weights, as the passes would
             engine.check_weights_finite()
-            measured = Baseline({}, {}, None)
+            measured = Baseline({}, {}, None, {}, None)
         masks, context, probe.layer_sparsity = select_tentative(
             probe.strategy, probe.backend, probe.model, probe.owners, measured.input_sq_norms, sparsity,
             1.0, allocation)
@@ -399,6 +421,22 @@ def _by_strategy(probe: GradProbe, dataloader: Iterable, loss_of: LossOfBatch, s
         log.info("%s alone, no probe: sparsity %.2f%% (target %.2f%%)", probe.strategy.get_name(),
                  100 * sparsity_reached, 100 * sparsity)
     return masks
+
+
+def _strategy_at_reached_sparsity(probe: GradProbe, record: ProbeRecord, sparsity: float,
+                                  gradient_threshold: float) -> Decision:
+    """Threshold mode without the probe (the guard's other side): the strategy's own masks,
+    by its own rule, at the overall sparsity the threshold decision reached (an allocation's
+    layer sparsities scaled by the same factor); Wanda's or magnitude's lowest scores at a
+    lower sparsity lie inside their candidates at ``sparsity``."""
+    reached = decide(record, sparsity, probe.backend, gradient_threshold=gradient_threshold)
+    at = reached.total_pruned / sum(record.slices[n].full_numel for n in record.layers)
+    if record.layer_sparsity:
+        scale = at / sparsity if sparsity else 0.0
+        record = dataclasses.replace(record, layer_sparsity={n: s * scale for n, s in record.layer_sparsity.items()})
+    candidates = {n: layer.tentative for n, layer in record.layers.items()}
+    return counted(record, in_strategy_order(probe.backend, _strategy_order(probe, record), candidates, None, at),
+                   probe.backend)
 
 
 def _strategy_order(probe: GradProbe, record: ProbeRecord) -> StrategyOrder:

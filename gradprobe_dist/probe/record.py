@@ -42,6 +42,10 @@ class LayerProbe:
     old: torch.Tensor
     originals: torch.Tensor
     new: torch.Tensor | None = None
+    #: signed mean gradients of the baseline and reduced passes at the same positions (only
+    #: when asked for: ``gradprobe_dist.probe.estimate``'s loss-change estimates read them)
+    old_signed: torch.Tensor | None = None
+    new_signed: torch.Tensor | None = None
 
     def ratio(self) -> torch.Tensor:
         return gradient_ratio(self.old, self.new)
@@ -82,6 +86,10 @@ class ProbeRecord:
     #: per weight, the calibration inputs' sum of x_j^2 over all ranks when the strategy used
     #: them, so target mode can score the original weights in the strategy's order again
     input_sq_norms: dict[str, torch.Tensor] | None = None
+    #: the factor the candidates were scaled by in the reduced pass
+    reduction_factor: float | None = None
+    #: mean calibration loss of the baseline and the reduced pass (over batches and ranks)
+    losses: tuple[float, float] | None = None
 
     def masks(self, gradient_threshold: float) -> dict[str, torch.Tensor]:
         return {n: layer.threshold_mask(gradient_threshold) for n, layer in self.layers.items()}

@@ -61,6 +61,20 @@ def check_mode(mode: str, oversample: float, target_scope: str) -> None:
         raise ValueError(f"target_scope={target_scope!r} is unknown: use 'layer' or 'global'")
 
 
+def check_guard(mode: str, strategy_name: str, scored: bool, nm: tuple[int, int] | None) -> None:
+    """The guard compares the probe's decision with the strategy's own masks: it needs those
+    masks in the strategy's own order (scores), and in threshold mode at the lower sparsity
+    the probe reached, which an N:M pattern cannot express."""
+    check_mode(mode, 1.0, "layer")
+    if mode != "sparsegpt" and not scored:
+        raise ValueError(f"guard needs the strategy's own order, but {strategy_name} gives no scores: "
+                         "implement scores() (see ScoredStrategy) or drop guard")
+    if mode == "threshold" and nm:
+        raise ValueError(f"guard in threshold mode compares with the strategy at the sparsity the probe "
+                         f"reached, which the {nm[0]}:{nm[1]} pattern cannot express: use mode='target' "
+                         "(exact N:M) or drop guard")
+
+
 def _number(name: str, value) -> None:
     if not is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
