@@ -13,7 +13,11 @@ One probe of SmolLM2-135M (Wanda's candidates at ``--sparsity`` x ``--oversample
    second pass), and a seeded random order. The half each ranking would prune first is zeroed
    alone, the rest of the model dense, and the loss change is measured on calibration
    batches the probe never saw (``--held-out``); lower is a better ranking. Zeroing all of the
-   layer's candidates gives a fifth point per layer for the estimate's fidelity.
+   layer's candidates gives a sixth point per layer for the estimate's fidelity.
+3. The whole model at ``--sparsity``: Wanda's own masks, and Wanda's order with the probe
+   vetoing ``--veto`` of each layer's candidates (ranked last) by the gradient ratio (target
+   mode's rule) or by the estimated loss change (``probe.veto.probe_vetoes(score=...)``):
+   held-out calibration loss and perplexity on the bundled validation excerpt.
 
     python -m bench.loss_change [--smoke] [--model-dir DIR] [--layers 12] [--out bench/results]
 
@@ -33,11 +37,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from bench.lib.corpus import lm_batches, random_windows  # noqa: E402
+from bench.lib.corpus import consecutive_windows, lm_batches, random_windows  # noqa: E402
 from bench.lib.report import markdown_table, run_meta, write_report  # noqa: E402
-from bench.quality_llm import load_model, token_ids  # noqa: E402
+from bench.quality_llm import load_model, perplexity, token_ids  # noqa: E402
 from gradprobe_dist.probe.estimate import pass_loss_check, removal_estimate  # noqa: E402
 from gradprobe_dist.probe.gradprobe import GradProbe  # noqa: E402
+from gradprobe_dist.probe.target import in_strategy_order  # noqa: E402
+from gradprobe_dist.probe.veto import probe_vetoes  # noqa: E402
 from gradprobe_dist.strategies import WandaPruning  # noqa: E402
 
 log = logging.getLogger("bench.loss_change")
@@ -114,10 +120,43 @@ def run(args) -> dict:
             with torch.no_grad():
                 weight.copy_(original)
         log.info("%s: %s", name, ", ".join(f"{r['subset']} {r['measured']:+.4f}" for r in rows[-len(subsets):]))
+    whole = whole_model(probe, record, model, args, held_out, dense_loss,
+                        lm_batches(consecutive_windows(token_ids("valid", tokenizer), args.eval_windows,
+                                                       args.eval_context), 4))
     return {"meta": run_meta(args.smoke, model="a tiny random LLaMA (smoke)" if args.smoke else "SmolLM2-135M-Instruct",
                              settings={k: str(v) for k, v in vars(args).items()}),
             "pass_check": check | {"losses": list(record.losses), "probe_seconds": probe_seconds},
-            "dense_held_out_loss": dense_loss, "rows": rows, "summary": summary(rows)}
+            "dense_held_out_loss": dense_loss, "rows": rows, "summary": summary(rows), "whole_model": whole}
+
+
+def whole_model(probe: GradProbe, record, model: nn.Module, args, held_out: list, dense_loss: float,
+                eval_batches: list) -> list[dict]:
+    """Wanda's masks at ``--sparsity`` over every layer, unvetoed and with each veto, applied
+    to the model in turn: held-out calibration loss change and validation perplexity."""
+    order = probe.target_order(record, veto=False)[0]
+    candidates = {n: layer.tentative for n, layer in record.layers.items()}
+    r = record.reduction_factor
+    vetoes = {"Wanda alone": None,
+              f"Wanda order, {args.veto:g} vetoed by gradient ratio": probe_vetoes(
+                  probe.backend, record, fraction=args.veto),
+              f"Wanda order, {args.veto:g} vetoed by estimated loss change": probe_vetoes(
+                  probe.backend, record, fraction=args.veto, score=lambda layer: removal_estimate(layer, r))}
+    params = dict(model.named_parameters())
+    originals = {n: params[n].detach().clone() for n in candidates}
+    rows = [{"masks": "dense", "held_out_loss_change": 0.0, "perplexity": perplexity(model, eval_batches)}]
+    for label, vetoed in vetoes.items():
+        masks = in_strategy_order(probe.backend, order, candidates, vetoed, args.sparsity)
+        with torch.no_grad():
+            for name, mask in masks.items():
+                params[name].masked_fill_(mask, 0.0)
+        rows.append({"masks": label, "held_out_loss_change": mean_loss(model, held_out) - dense_loss,
+                     "perplexity": perplexity(model, eval_batches)})
+        with torch.no_grad():
+            for name, original in originals.items():
+                params[name].copy_(original)
+        log.info("%s: held-out loss %+.4f, perplexity %.2f", label, rows[-1]["held_out_loss_change"],
+                 rows[-1]["perplexity"])
+    return rows
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -148,7 +187,12 @@ def markdown(report: dict) -> str:
                                                 ("mean_measured", "mean measured loss change", ".5f"),
                                                 ("mean_estimated", "mean estimated", ".5f"),
                                                 ("correlation", "corr(estimated, measured) over layers", ".3f"),
-                                                ("lowest_in", "lowest in", "d")]), ""]
+                                                ("lowest_in", "lowest in", "d")]), "",
+             f"The whole model at {report['meta']['settings']['sparsity']} (held-out calibration loss change; "
+             "perplexity on the validation excerpt):", "",
+             markdown_table(report["whole_model"], [("masks", "masks", "s"),
+                                                    ("held_out_loss_change", "held-out loss change", ".4f"),
+                                                    ("perplexity", "perplexity", ".2f")]), ""]
     return "\n".join(lines)
 
 
@@ -163,12 +207,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--layers", type=int, default=12, help="layers sampled for the ranking test")
+    parser.add_argument("--veto", type=float, default=0.1, help="share of each layer's candidates vetoed (whole model)")
+    parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--eval-context", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", type=Path, default=HERE / ".cache" / "smollm2-135m")
     parser.add_argument("--out", type=Path, help="default bench/results (bench/out/loss-change-smoke with --smoke)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.batches, args.held_out, args.micro_batch, args.context, args.layers = 2, 2, 2, 16, 4
+        args.eval_windows, args.eval_context = 4, 32
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = args.out or (HERE / "out" / "loss-change-smoke" if args.smoke else HERE / "results")
     start = time.perf_counter()

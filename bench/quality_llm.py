@@ -100,8 +100,7 @@ def guard_label(args) -> str:
 
 def probe_label(args) -> str:
     """How a GradProbe row was probed and decided, for its method name."""
-    by = "" if args.veto_by == "ratio" else " by estimated loss change"
-    return f"veto {args.veto:g}{by}, oversample {args.oversample:g}, r {args.reduction_factor:g}, {guard_label(args)}"
+    return f"veto {args.veto:g}, oversample {args.oversample:g}, r {args.reduction_factor:g}, {guard_label(args)}"
 
 
 def run_target(dense: nn.Module, target: str, args, calibration: methods.Calibration, held_out: list,
@@ -136,13 +135,13 @@ def run_target(dense: nn.Module, target: str, args, calibration: methods.Calibra
     if "target" in wanted:
         model, start = copy.deepcopy(dense), time.perf_counter()
         probe = gradprobe(model, batches, sparsity, pattern, args, mode="target", oversample=args.oversample,
-                          veto_fraction=args.veto, veto_by=args.veto_by, **guard)
+                          veto_fraction=args.veto, **guard)
         record(target, f"GradProbe target (Wanda order, {probe_label(args)})", model,
                time.perf_counter() - start, guard=probe.guard_report)
     if "sparsegpt_veto" in wanted:
         model, start = copy.deepcopy(dense), time.perf_counter()
         probe = gradprobe(model, batches, sparsity, pattern, args, mode="sparsegpt", oversample=args.oversample,
-                          veto_fraction=args.veto, veto_by=args.veto_by, **guard)
+                          veto_fraction=args.veto, **guard)
         record(target, f"GradProbe sparsegpt ({probe_label(args)})", model, time.perf_counter() - start,
                guard=probe.guard_report)
     if "iterative" in wanted and pattern is None:  # a schedule cannot ramp up an N:M pattern
@@ -270,8 +269,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--eval-context", type=int, default=256)
     parser.add_argument("--veto", type=float, default=0.1, help="share of each layer's candidates the probe vetoes")
-    parser.add_argument("--veto-by", choices=["ratio", "loss_change"], default="ratio",
-                        help="how the target and sparsegpt rows rank the candidates they veto")
     parser.add_argument("--oversample", type=float, default=1.5)
     parser.add_argument("--reduction-factor", type=float, default=0.1, help="the probe's scale of its candidates")
     parser.add_argument("--no-guard", dest="guard", action="store_false",
@@ -283,8 +280,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, help="default bench/results (bench/out/quality-llm-smoke with --smoke)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="RUN_DIR", help="join these runs' reports")
     args = parser.parse_args(argv)
-    if args.veto_by != "ratio" and "iterative" in args.methods:
-        parser.error("--veto-by applies to the target and sparsegpt_veto rows; iterative rounds veto by ratio")
     if args.merge:
         report = merge(args.merge, args.out or HERE / "results")
         print(markdown_summary(report))

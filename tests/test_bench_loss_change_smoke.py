@@ -19,5 +19,8 @@ def test_smoke_rankings_and_reports(tmp_path):
     check = report["pass_check"]
     assert math.isclose(check["measured"], check["losses"][1] - check["losses"][0])
     assert all(math.isfinite(r["measured"]) and math.isfinite(r["estimated"]) for r in rows)
+    whole = {r["masks"]: r for r in report["whole_model"]}
+    assert len(whole) == 4 and whole["dense"]["held_out_loss_change"] == 0.0
+    assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in whole.values())
     assert json.loads((tmp_path / "loss_change-smoke.json").read_text())["rows"] == rows
     assert "Pass check" in (tmp_path / "loss_change-smoke.md").read_text()

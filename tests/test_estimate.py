@@ -1,6 +1,6 @@
 """Loss-change estimates from the probe's two passes (probe/estimate.py): exact on a loss that
 is quadratic in the weights, the veto they rank, the same on 2 FSDP2 ranks as in one
-process, the pipeline's ``prune.veto: loss_change``, and the errors."""
+process, and the error without signed gradients."""
 import copy
 
 import pytest
@@ -67,25 +67,20 @@ def _data(n=4, b=32):
     return [(torch.randn(b, 24, generator=g), torch.randint(0, 6, (b,), generator=g)) for _ in range(n)]
 
 
-def test_loss_change_veto_takes_each_layers_highest_estimates():
+def _estimate(layer):
+    return removal_estimate(layer, 0.1)
+
+
+def test_a_veto_by_the_estimate_takes_each_layers_highest_estimates():
     probe = GradProbe(_model(), WandaPruning())
     record = probe.probe(_data(), LOSS, 0.5, 4, 0.1, oversample=1.5, signed_gradients=True)
-    vetoes = probe_vetoes(probe.backend, record, fraction=0.25, by="loss_change")
+    vetoes = probe_vetoes(probe.backend, record, fraction=0.25, score=_estimate)
     by_ratio = probe_vetoes(probe.backend, record, fraction=0.25)
     for name, layer in record.layers.items():
-        estimate, vetoed = removal_estimate(layer, 0.1), vetoes[name][layer.tentative]
+        estimate, vetoed = _estimate(layer), vetoes[name][layer.tentative]
         assert int(vetoed.sum()) == count_to_select(int(layer.tentative.sum()), 0.25)
         assert estimate[vetoed].min() >= estimate[~vetoed].max()
     assert any(not torch.equal(vetoes[n], by_ratio[n]) for n in vetoes)  # a different ranking
-
-
-def test_target_mode_with_the_loss_change_veto_keeps_the_exact_quota():
-    model = _model()
-    masks = GradProbe(model, WandaPruning()).prune(_data(), LOSS, 0.5, 4, mode="target", veto_fraction=0.2,
-                                                   veto_by="loss_change")
-    for name, mask in masks.items():
-        assert int(mask.sum()) == mask.shape[0] * count_to_select(mask.shape[1], 0.5)  # Wanda's per-row count
-        assert bool((dict(model.named_parameters())[name][mask] == 0).all())
 
 
 def _on_ranks(backend, rank, world):
@@ -95,9 +90,12 @@ def _on_ranks(backend, rank, world):
     probe = GradProbe(model, WandaPruning(), backend=backend)
     record = probe.probe(batches, LOSS, 0.5, 4, 0.1, oversample=1.5, signed_gradients=True)
     check = pass_loss_check(probe.backend, record)
-    masks = probe.decide(record, 0.5, mode="target", veto_fraction=0.2, veto_by="loss_change")
+    vetoes = probe_vetoes(probe.backend, record, fraction=0.2, score=_estimate)
+    estimates = {n: torch.zeros(layer.tentative.shape).masked_scatter_(layer.tentative, _estimate(layer))
+                 for n, layer in record.layers.items()}
     backend.prepare(model, probe.param_names)
-    return {n: backend.gather_full(n, m) for n, m in masks.items()}, check
+    return ({n: backend.gather_full(n, v) for n, v in vetoes.items()},
+            {n: backend.gather_full(n, e) for n, e in estimates.items()}, check)
 
 
 def _fsdp(rank, world):
@@ -105,46 +103,22 @@ def _fsdp(rank, world):
 
 
 def test_two_fsdp_ranks_equal_one_process():
-    masks, check = run_ranks(_fsdp, 2, timeout=300)[0]
-    ref_masks, ref_check = _on_ranks(LocalBackend(device="cpu"), 0, 1)
+    """Rank-averaged signed gradients: the same estimates, pass check and vetoes."""
+    vetoes, estimates, check = run_ranks(_fsdp, 2, timeout=300)[0]
+    ref_vetoes, ref_estimates, ref_check = _on_ranks(LocalBackend(device="cpu"), 0, 1)
     for key in ("measured", "predicted"):
         assert check[key] == pytest.approx(ref_check[key], rel=1e-4)
-    for name, mask in ref_masks.items():
-        assert torch.equal(masks[name].reshape(mask.shape), mask), name
+    for name, veto in ref_vetoes.items():
+        assert torch.allclose(estimates[name].reshape(veto.shape), ref_estimates[name], rtol=1e-4, atol=1e-9)
+        assert torch.equal(vetoes[name].reshape(veto.shape), veto), name
 
 
-def test_errors_name_the_fix():
+def test_estimates_need_the_signed_gradients():
     probe = GradProbe(_model(), WandaPruning())
-    with pytest.raises(ValueError, match="veto_by='nope' is unknown"):
-        probe.prune(_data(), LOSS, 0.5, 4, mode="target", veto_fraction=0.1, veto_by="nope")
-    with pytest.raises(ValueError, match="pass veto_fraction"):
-        probe.prune(_data(), LOSS, 0.5, 4, mode="target", veto_by="loss_change")
-    with pytest.raises(ValueError, match="threshold mode decides by the gradient ratio"):
-        probe.prune(_data(), LOSS, 0.5, 4, veto_by="loss_change")
-    record = probe.probe(_data(), LOSS, 0.5, 4, 0.1, oversample=1.5)  # no signed gradients kept
-    assert all(layer.old_signed is None for layer in record.layers.values())
+    record = probe.probe(_data(), LOSS, 0.5, 4, 0.1, oversample=1.5)  # not kept by default
+    layer = next(iter(record.layers.values()))
+    assert layer.old_signed is None and layer.new_signed is None
     with pytest.raises(ValueError, match="signed_gradients=True"):
-        probe.decide(record, 0.5, mode="target", veto_fraction=0.1, veto_by="loss_change")
-
-
-def test_pipeline_loss_change_veto_equals_the_library(tmp_path):
-    """``prune.veto: loss_change`` in one stage equals ``prune(mode="target", veto_by=...)``."""
-    from gradprobe_dist.checkpoint.store import load_masks
-    from gradprobe_dist.pipeline.stages import loss_fn_for
-    from test_pipeline import job_for, make_tiny_data, write_config
-
-    data = make_tiny_data(tmp_path / "data")
-    config = write_config(tmp_path / "lc.yaml", data, output_dir=tmp_path / "lc",
-                          prune={"mode": "target", "strategy": "wanda", "veto": "loss_change",
-                                 "veto_fraction": 0.2, "stage_size": 0})
-    job = job_for(config)
-    dense, batches, cfg = copy.deepcopy(job.model), job.calibration, job.cfg.prune
-    job.run()
-    saved = load_masks(tmp_path / "lc")
-    names = list(saved)
-    masks = GradProbe(dense, WandaPruning(), include=names, extra_prunable=names).prune(
-        batches, loss_fn_for(batches), cfg.sparsity, cfg.num_batches, reduction_factor=cfg.reduction_factor,
-        mode="target", oversample=cfg.oversample, veto_fraction=0.2, veto_by="loss_change")
-    assert masks.keys() == saved.keys()
-    for name, mask in masks.items():
-        assert torch.equal(saved[name], mask), name
+        removal_estimate(layer, 0.1)
+    with pytest.raises(ValueError, match="signed_gradients=True"):
+        pass_loss_check(probe.backend, record)

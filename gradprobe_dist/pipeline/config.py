@@ -123,11 +123,10 @@ class PruneConfig:
     #: target and sparsegpt modes, which candidates the probe vetoes (ranked after every
     #: other candidate in the strategy's / SparseGPT's order): threshold (gradient ratio
     #: above 1 + gradient_threshold), fraction (veto_fraction of each layer's highest ratios),
-    #: loss_change (veto_fraction of each layer's highest estimated loss changes of zeroing
-    #: the weight, from signed gradients of the same two passes: probe/estimate.py), or none (target: the strategy's own masks, no probe, at most one forward pass per stage;
+    #: or none (target: the strategy's own masks, no probe, at most one forward pass per stage;
     #: sparsegpt: plain SparseGPT, no probe, one forward pass per stage, the strategy only
     #: supplies its N:M pattern)
-    veto: Literal["threshold", "fraction", "loss_change", "none"] = "threshold"
+    veto: Literal["threshold", "fraction", "none"] = "threshold"
     veto_fraction: float = 0.1
     #: per stage, also decide without the probe (the strategy's own masks, in threshold mode at
     #: the sparsity the probe reached; plain SparseGPT) and keep the probe's masks only when
@@ -194,11 +193,6 @@ class PruneConfig:
             except ValueError as err:
                 raise ConfigError(f"prune.{err}") from None
         self._check_rounds(strategy)
-
-    def veto_options(self) -> dict[str, Any]:
-        """``prune.veto`` as the library's veto options (``veto_fraction``, ``veto_by``)."""
-        return {"veto_fraction": self.veto_fraction if self.veto in ("fraction", "loss_change") else None,
-                "veto_by": "loss_change" if self.veto == "loss_change" else "ratio"}
 
     @property
     def held_out_batches(self) -> int:

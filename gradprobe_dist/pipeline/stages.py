@@ -154,12 +154,12 @@ class StageLoop:
         record = probe.probe(job.calibration, loss_fn_for(job.calibration), round_.sparsity,
                              cfg.num_batches, cfg.reduction_factor, verbose=not self.bar.disable,
                              oversample=round_.oversample, allocation=_allocation(cfg),
-                             hessians=cfg.reconstruct or cfg.mode == "sparsegpt",
-                             signed_gradients=cfg.veto == "loss_change" and cfg.mode != "threshold")
+                             hessians=cfg.reconstruct or cfg.mode == "sparsegpt")
         before = before or {n: torch.zeros_like(layer.tentative) for n, layer in record.layers.items()}
         if round_.count == 1:
             options = dict(mode=cfg.mode, gradient_threshold=cfg.gradient_threshold, target_scope=cfg.target_scope,
-                           reconstruct=cfg.reconstruct, veto=cfg.veto != "none", **cfg.veto_options())
+                           reconstruct=cfg.reconstruct, veto=cfg.veto != "none",
+                           veto_fraction=cfg.veto_fraction if cfg.veto == "fraction" else None)
             if cfg.guard:
                 masks = probe.decide_guarded(record, cfg.sparsity, job.guard_calibration,
                                              loss_fn_for(job.calibration), **options)
@@ -168,7 +168,7 @@ class StageLoop:
         else:
             order, vetoes = probe.target_order(
                 record, gradient_threshold=cfg.gradient_threshold, veto=cfg.veto != "none",
-                **cfg.veto_options()) \
+                veto_fraction=cfg.veto_fraction if cfg.veto == "fraction" else None) \
                 if cfg.mode == "target" else (None, None)
             masks = probe.apply_masks(record, round_masks(backend, record, before, round_.sparsity, cfg.mode,
                                                           cfg.gradient_threshold, cfg.target_scope, order, vetoes))

@@ -30,7 +30,7 @@ from gradprobe_dist.probe.record import LayerProbe, ProbeRecord
 def _signed(layer: LayerProbe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if layer.old_signed is None or layer.new_signed is None:
         raise ValueError("loss-change estimates need the signed mean gradients of both passes: "
-                         "probe(..., signed_gradients=True), which veto_by='loss_change' asks for")
+                         "probe(..., signed_gradients=True)")
     return layer.originals.float(), layer.old_signed.float(), layer.new_signed.float()
 
 

@@ -35,7 +35,7 @@ from gradprobe_dist.probe.tentative import (allocate_layers, check_allocation, c
                                             select_tentative, selection_context)
 from gradprobe_dist.probe.validation import (check_guard, check_mode, check_prune_args, check_selection_args,
                                              check_threshold)
-from gradprobe_dist.probe.veto import check_fraction, check_veto_by, probe_vetoes, sparsegpt_with_veto
+from gradprobe_dist.probe.veto import check_fraction, probe_vetoes, sparsegpt_with_veto
 from gradprobe_dist.reconstruct.apply import compensate, reconstruct_from
 from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.strategies.allocation import Allocation, redundancy_scores
@@ -100,7 +100,7 @@ class GradProbe:
               compute_loss: LossOfBatch | None = None, mode: str = "threshold",
               oversample: float = 1.5, target_scope: str = "layer",
               allocation: Allocation | None = None, reconstruct: bool = False,
-              veto_fraction: float | None = None, veto_by: str = "ratio", guard: bool = False,
+              veto_fraction: float | None = None, guard: bool = False,
               guard_batches: Iterable | None = None) -> dict[str, torch.Tensor]:
         """Probe and prune in place; returns masks (True = pruned) keyed by parameter name.
 
@@ -125,10 +125,7 @@ class GradProbe:
         candidates, those whose gradient ratio exceeds ``1 + gradient_threshold`` (or, with
         ``veto_fraction``, that share of each layer's candidates with the highest ratios) are
         pruned only when SparseGPT's quota cannot be met without them
-        (``gradprobe_dist.probe.veto``). ``veto_by="loss_change"`` (with ``veto_fraction``)
-        ranks the candidates by the estimated loss change of zeroing them instead of the
-        ratio (``gradprobe_dist.probe.estimate``; the passes then also keep signed mean
-        gradients). ``guard=True`` also decides without the probe (the
+        (``gradprobe_dist.probe.veto``). ``guard=True`` also decides without the probe (the
         strategy's own masks: in threshold mode at the sparsity the probe's decision reached;
         plain SparseGPT) and keeps whichever has the lower calibration loss
         (``decide_guarded``), measured on
@@ -140,10 +137,6 @@ class GradProbe:
         check_prune_args(sparsity, num_batches, reduction_factor, gradient_threshold)
         check_mode(mode, oversample, target_scope)
         check_fraction(veto_fraction)
-        if veto_by != "ratio" and mode == "threshold":
-            raise ValueError(f"veto_by={veto_by!r} ranks the vetoed candidates of mode='target' or "
-                             "'sparsegpt'; threshold mode decides by the gradient ratio: drop veto_by")
-        check_veto_by(veto_by, veto_fraction)
         check_pattern(self.strategy, sparsity)
         check_allocation(allocation, mode, target_scope, self.strategy)
         if guard:
@@ -154,10 +147,9 @@ class GradProbe:
         record = self.probe(batches, loss_fn, sparsity, num_batches, reduction_factor,
                             verbose, compute_loss=compute_loss, allocation=allocation,
                             oversample=oversample if mode in ("target", "sparsegpt") else 1.0,
-                            hessians=reconstruct or mode == "sparsegpt",
-                            signed_gradients=veto_by == "loss_change" and mode != "threshold")
+                            hessians=reconstruct or mode == "sparsegpt")
         options = dict(mode=mode, gradient_threshold=gradient_threshold, target_scope=target_scope,
-                       reconstruct=reconstruct, veto_fraction=veto_fraction, veto_by=veto_by)
+                       reconstruct=reconstruct, veto_fraction=veto_fraction)
         decision = _guarded(self, record, sparsity, scored, make_loss_of_batch(loss_fn, compute_loss), **options) \
             if guard else _decide(self, record, sparsity, **options)
         if verbose:
@@ -180,7 +172,7 @@ class GradProbe:
     def decide(self, record: ProbeRecord, sparsity: float, *, mode: str = "threshold",
                gradient_threshold: float = 0.0, target_scope: str = "layer",
                reconstruct: bool = False, veto_fraction: float | None = None,
-               veto_by: str = "ratio", veto: bool = True) -> dict[str, torch.Tensor]:
+               veto: bool = True) -> dict[str, torch.Tensor]:
         """Turn a probe's record into masks and apply them (see ``prune`` for the options);
         the pipeline calls ``probe`` and ``decide`` separately to checkpoint in between.
         ``veto=False``: the decision without the probe, what ``decide_guarded`` compares
@@ -189,7 +181,7 @@ class GradProbe:
         The pure decision is ``gradprobe_dist.probe.decision.decide``."""
         return _decide(self, record, sparsity, mode=mode, gradient_threshold=gradient_threshold,
                             target_scope=target_scope, reconstruct=reconstruct,
-                            veto_fraction=veto_fraction, veto_by=veto_by, veto=veto).masks
+                            veto_fraction=veto_fraction, veto=veto).masks
 
     def decide_guarded(self, record: ProbeRecord, sparsity: float, batches: list,
                        loss_fn: Callable | None = None, *, compute_loss: LossOfBatch | None = None,
@@ -203,7 +195,7 @@ class GradProbe:
         return _guarded(self, record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options).masks
 
     def target_order(self, record: ProbeRecord, *, gradient_threshold: float = 0.0,
-                     veto_fraction: float | None = None, veto_by: str = "ratio", veto: bool = True
+                     veto_fraction: float | None = None, veto: bool = True
                      ) -> tuple[StrategyOrder | None, dict[str, torch.Tensor] | None]:
         """What target mode decides from besides the ratios: the strategy's order of the
         original weights (undoing an earlier decision) and the probe's vetoes (None with
@@ -212,7 +204,7 @@ class GradProbe:
         if not isinstance(self.strategy, ScoredStrategy):
             return None, None
         order = _strategy_order(self, record)
-        return order, probe_vetoes(self.backend, record, gradient_threshold, veto_fraction, veto_by) if veto else None
+        return order, probe_vetoes(self.backend, record, gradient_threshold, veto_fraction) if veto else None
 
     def sweep_gradient_thresholds(self, dataloader: Iterable, loss_fn: Callable | None,
                                   eval_fn: Callable[[nn.Module], float], sparsity: float = 0.5,
@@ -296,7 +288,7 @@ class GradProbe:
         ``self``'s) ``layer_sparsity``.
         ``hessians=True`` also records each Linear layer's input Hessian (for reconstruction);
         ``signed_gradients=True`` the candidates' signed mean gradients in both passes (for the
-        loss-change estimates of ``gradprobe_dist.probe.estimate``, ``veto_by="loss_change"``).
+        loss-change estimates of ``gradprobe_dist.probe.estimate``).
         """
         check_prune_args(sparsity, num_batches, reduction_factor, 0.0)
         if sparsity * oversample >= 1.0 and self.backend.is_main:
@@ -360,14 +352,14 @@ def _guarded(probe: GradProbe, record: ProbeRecord, sparsity: float, batches: li
 
 def _decide(probe: GradProbe, record: ProbeRecord, sparsity: float, *, mode: str = "threshold",
             gradient_threshold: float = 0.0, target_scope: str = "layer", reconstruct: bool = False,
-            veto_fraction: float | None = None, veto_by: str = "ratio", veto: bool = True) -> Decision:
+            veto_fraction: float | None = None, veto: bool = True) -> Decision:
     """The pure decision, applied to the weights (and reconstructed), kept as the results."""
     check_fraction(veto_fraction)
     if mode == "sparsegpt":
         check_mode(mode, 1.0, target_scope)
         check_threshold(gradient_threshold)
         masks = sparsegpt_with_veto(probe.backend, record, sparsity, gradient_threshold, veto_fraction,
-                                    reconstruct, veto=veto, by=veto_by)
+                                    reconstruct, veto=veto)
         decision = counted(record, masks, probe.backend)
         probe.masks, probe.equivalent_threshold = decision.masks, None
         return decision
@@ -378,8 +370,7 @@ def _decide(probe: GradProbe, record: ProbeRecord, sparsity: float, *, mode: str
         decision = _strategy_at_reached_sparsity(probe, record, sparsity, gradient_threshold)
     else:
         order, vetoes = probe.target_order(record, gradient_threshold=gradient_threshold,
-                                           veto_fraction=veto_fraction, veto_by=veto_by,
-                                           veto=veto) if mode == "target" else (None, None)
+                                           veto_fraction=veto_fraction, veto=veto) if mode == "target" else (None, None)
         decision = decide(record, sparsity, probe.backend, mode=mode, gradient_threshold=gradient_threshold,
                           target_scope=target_scope, order=order, vetoes=vetoes)
     probe.engine.apply_masks(record.layers, decision.masks)

@@ -9,34 +9,23 @@ weights in SparseGPT's order, never replace that order by the noisy ratio alone.
 
 Vetoed: the candidates whose gradient ratio new/old exceeds ``1 + gradient_threshold`` (what
 threshold mode would restore), or, with ``fraction``, the ``fraction`` of each layer's
-candidates with the highest ratios (exact over all ranks), or with ``by="loss_change"`` the
-highest estimated loss changes of zeroing them (``probe.estimate.removal_estimate``).
+candidates with the highest ratios (exact over all ranks; ``score`` ranks them by another
+per-candidate measure, as ``bench.loss_change`` does with ``probe.estimate``'s estimates).
 Weights the strategy did not select carry no measurement and are never vetoed.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from gradprobe_dist.parallel.base import Backend
-from gradprobe_dist.probe.estimate import removal_estimate
-from gradprobe_dist.probe.record import ProbeRecord, prune_decision
+from gradprobe_dist.probe.record import LayerProbe, ProbeRecord, prune_decision
 from gradprobe_dist.probe.validation import is_number
 from gradprobe_dist.reconstruct.layers import sparsegpt_masks
 from gradprobe_dist.strategies.base import count_to_select
 
 _FLOAT_MAX = torch.finfo(torch.float32).max
-
-
-VETO_BY = ("ratio", "loss_change")
-
-
-def check_veto_by(by: str, fraction: float | None) -> None:
-    if by not in VETO_BY:
-        raise ValueError(f"veto_by={by!r} is unknown: use 'ratio' (the gradient ratio new/old) or "
-                         "'loss_change' (the estimated loss change of zeroing the weight)")
-    if by == "loss_change" and fraction is None:
-        raise ValueError("veto_by='loss_change' vetoes a share of each layer's candidates: pass "
-                         "veto_fraction (e.g. 0.1); gradient_threshold applies to the ratio only")
 
 
 def check_fraction(fraction: float | None) -> None:
@@ -49,32 +38,25 @@ def check_fraction(fraction: float | None) -> None:
 
 
 def probe_vetoes(backend: Backend, record: ProbeRecord, gradient_threshold: float = 0.0,
-                 fraction: float | None = None, by: str = "ratio") -> dict[str, torch.Tensor]:
-    """Local bool masks (True = vetoed) per probed weight; a collective with ``fraction``."""
+                 fraction: float | None = None,
+                 score: Callable[[LayerProbe], torch.Tensor] = LayerProbe.ratio) -> dict[str, torch.Tensor]:
+    """Local bool masks (True = vetoed) per probed weight; a collective with ``fraction``,
+    which vetoes each layer's highest ``score(layer)`` (per candidate; the gradient ratio)."""
     check_fraction(fraction)
-    check_veto_by(by, fraction)
     if fraction is None:
         return {n: layer.expand(~prune_decision(layer.old, layer.new, gradient_threshold))
                 for n, layer in record.layers.items()}
     names = list(record.layers)
     candidates = backend.sum_over_shards(torch.tensor(
         [float(record.layers[n].tentative.sum()) for n in names], dtype=torch.float64))
-    highest_first = [-_veto_score(record, n, by) for n in names]
+    highest_first = [-score(record.layers[n]).clamp(min=-_FLOAT_MAX, max=_FLOAT_MAX) for n in names]
     picked = backend.select_smallest_each(highest_first, [count_to_select(int(c), fraction)
                                                           for c in candidates.tolist()])
     return {n: record.layers[n].expand(p) for n, p in zip(names, picked)}
 
 
-def _veto_score(record: ProbeRecord, name: str, by: str) -> torch.Tensor:
-    """Per candidate of weight ``name``: higher = vetoed first."""
-    layer = record.layers[name]
-    score = layer.ratio() if by == "ratio" else removal_estimate(layer, record.reduction_factor)
-    return score.clamp(min=-_FLOAT_MAX, max=_FLOAT_MAX)
-
-
 def sparsegpt_with_veto(backend: Backend, record: ProbeRecord, sparsity: float, gradient_threshold: float,
-                        fraction: float | None, reconstruct: bool, veto: bool = True,
-                        by: str = "ratio") -> dict[str, torch.Tensor]:
+                        fraction: float | None, reconstruct: bool, veto: bool = True) -> dict[str, torch.Tensor]:
     """``mode="sparsegpt"``: SparseGPT's masks with the probe's veto (``veto=False``: plain
     SparseGPT on the same Hessians); SparseGPT updates the kept weights itself (a collective)."""
     if reconstruct:
@@ -83,6 +65,6 @@ def sparsegpt_with_veto(backend: Backend, record: ProbeRecord, sparsity: float, 
     if missing:
         raise ValueError(f"mode='sparsegpt' needs the input Hessian of every probed layer "
                          f"(probe(..., hessians=True), Linear layers only); {missing[0]!r} has none")
-    vetoes = probe_vetoes(backend, record, gradient_threshold, fraction, by) if veto else None
+    vetoes = probe_vetoes(backend, record, gradient_threshold, fraction) if veto else None
     return sparsegpt_masks(backend, record.hessians, sparsity, nm=record.nm, vetoes=vetoes,
                            transposed=record.transposed)
