@@ -9,7 +9,7 @@ One probe of SmolLM2-135M (Wanda's candidates at ``--sparsity`` x ``--oversample
 2. Per sampled layer (``--layers``, evenly spaced over the model), each row's candidates
    split in half by five rankings: Wanda's score, the gradient ratio new/old (GradProbe's
    original statistic), the estimated loss change of zeroing the weight
-   (``probe.estimate.removal_estimate``), |w| x max|g| (the ratio's ingredients without the
+   (``probe.estimate.removal_estimate``), abs(w) x max abs(g) (the ratio's ingredients without the
    second pass), and a seeded random order. The half each ranking would prune first is zeroed
    alone, the rest of the model dense, and the loss change is measured on calibration
    batches the probe never saw (``--held-out``); lower is a better ranking. Zeroing all of the
@@ -48,7 +48,7 @@ from gradprobe_dist.strategies import WandaPruning  # noqa: E402
 
 log = logging.getLogger("bench.loss_change")
 HERE = Path(__file__).parent
-RANKINGS = ("Wanda score", "gradient ratio", "estimated loss change", "|w| x max|g|", "random")
+RANKINGS = ("Wanda score", "gradient ratio", "estimated loss change", "abs(w) x max abs(g)", "random")
 
 
 def mean_loss(model: nn.Module, batches: list) -> float:
@@ -78,7 +78,7 @@ def rankings(wanda_scores: dict[str, torch.Tensor], record, name: str, weight: t
     return {"Wanda score": wanda_scores[name],
             "gradient ratio": full(layer.ratio().clamp(max=torch.finfo(torch.float32).max)),
             "estimated loss change": full(removal_estimate(layer, r)),
-            "|w| x max|g|": full(layer.originals.abs() * layer.old),
+            "abs(w) x max abs(g)": full(layer.originals.abs() * layer.old),
             "random": torch.rand(weight.shape, generator=torch.Generator().manual_seed(seed))}
 
 
