@@ -50,7 +50,7 @@ def pass_loss_check(backend: Backend, record: ProbeRecord) -> dict[str, float]:
     """The measured change of the mean calibration loss between the passes against the sum of
     ``path_estimate`` over every candidate and rank (a collective)."""
     if record.losses is None or record.reduction_factor is None:
-        raise ValueError("this record has no pass losses: it was made by probe(), which records them")
+        raise ValueError("this record has no pass losses (built by hand?): use the record probe() returns")
     local = sum((float(path_estimate(layer, record.reduction_factor).double().sum())
                  for layer in record.layers.values()), 0.0)
     predicted = float(backend.sum_over_shards(torch.tensor([local], dtype=torch.float64)))
