@@ -327,11 +327,13 @@ def test_pipeline_threshold_mode_guard_per_stage(tmp_path, log_lines):
 
     data = make_tiny_data(tmp_path / "data")
     masks = {}
-    for guard in (False, True):
-        config = write_config(tmp_path / f"{guard}.yaml", data, output_dir=tmp_path / str(guard),
-                              prune={"mode": "threshold", "strategy": "wanda", "guard": guard})
+    for run, options in ((False, {}), (True, {"guard": True}), ("veto none", {"veto": "none"})):
+        config = write_config(tmp_path / f"{run}.yaml", data, output_dir=tmp_path / str(run),
+                              prune={"mode": "threshold", "strategy": "wanda", **options})
         job_for(config).run()
-        masks[guard] = load_masks(tmp_path / str(guard))
+        masks[run] = load_masks(tmp_path / str(run))
+    # prune.veto ranks target/sparsegpt candidates: threshold mode's masks stay the probe's
+    assert all(torch.equal(masks[False][n], masks["veto none"][n]) for n in masks[False])
     guarded = [line for line in log_lines if "guard (rank 0)" in line]
     assert len(guarded) == len(STAGE_LAYERS)
     first = guarded[0]  # the first stage starts from the same dense model in both runs

@@ -158,7 +158,8 @@ class StageLoop:
         before = before or {n: torch.zeros_like(layer.tentative) for n, layer in record.layers.items()}
         if round_.count == 1:
             options = dict(mode=cfg.mode, gradient_threshold=cfg.gradient_threshold, target_scope=cfg.target_scope,
-                           reconstruct=cfg.reconstruct, veto=cfg.veto != "none",
+                           # prune.veto ranks target/sparsegpt candidates; threshold mode decides by the probe
+                           reconstruct=cfg.reconstruct, veto=cfg.veto != "none" or cfg.mode == "threshold",
                            veto_fraction=cfg.veto_fraction if cfg.veto == "fraction" else None)
             if cfg.guard:
                 masks = probe.decide_guarded(record, cfg.sparsity, job.guard_calibration,

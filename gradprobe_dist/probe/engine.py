@@ -147,8 +147,8 @@ class ProbeEngine:
         backend = self.backend
         acc = {n: statistics.new_accumulator(backend.local_weight(n), self.stat_dtype,
                                              self._stat_device(n)) for n in self.param_names}
-        sums = {n: statistics.new_accumulator(backend.local_weight(n), self.stat_dtype, self._stat_device(n))
-                for n in self.param_names} if signed else {}
+        sums = {n: statistics.new_accumulator(backend.local_weight(n), torch.float32, self._stat_device(n))
+                for n in self.param_names} if signed else {}  # float32 whatever stat_dtype: signed sums cancel
         bar = tqdm(batches, desc=f"{label} pass", disable=not (verbose and backend.is_main),
                    leave=False)
         losses = []
@@ -161,9 +161,10 @@ class ProbeEngine:
                 grad = self._local_grad(name, index)
                 statistics.accumulate(acc[name], grad, self.statistic)
                 if signed:
-                    sums[name].add_(grad.detach().to(device=sums[name].device, dtype=sums[name].dtype))
+                    sums[name].add_(grad.detach().to(sums[name].device))
             backend.zero_grad()
-        self._check_pass_finite(acc, [torch.isfinite(loss) for loss in losses], batches, loss_of, label)
+        self._check_pass_finite({**acc, **{f"{n} (signed sum)": s for n, s in sums.items()}},
+                                [torch.isfinite(loss) for loss in losses], batches, loss_of, label)
         total = backend.all_reduce(torch.stack(losses).double().sum().reshape(1).to(backend.device), "sum")
         return GradientPass({n: statistics.finalize(a, self.statistic, len(batches)) for n, a in acc.items()},
                             {n: s.div_(len(batches)) for n, s in sums.items()},

@@ -31,19 +31,20 @@ def _signed(layer: LayerProbe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     if layer.old_signed is None or layer.new_signed is None:
         raise ValueError("loss-change estimates need the signed mean gradients of both passes: "
                          "probe(..., signed_gradients=True)")
-    return layer.originals.float(), layer.old_signed.float(), layer.new_signed.float()
+    g0 = layer.old_signed.float()  # on the statistic's device (``stat_device``), as the weights' copy need not be
+    return layer.originals.to(g0.device).float(), g0, layer.new_signed.to(g0.device).float()
 
 
 def removal_estimate(layer: LayerProbe, reduction_factor: float) -> torch.Tensor:
     """Estimated loss change of zeroing each candidate (float32, candidate order)."""
     w, g0, g1 = _signed(layer)
-    return -w * (g0 + (g1 - g0).to(g0.device) / (2.0 * (1.0 - reduction_factor)))
+    return -w * (g0 + (g1 - g0) / (2.0 * (1.0 - reduction_factor)))
 
 
 def path_estimate(layer: LayerProbe, reduction_factor: float) -> torch.Tensor:
     """Each candidate's share of the loss change between the two passes (trapezoid rule)."""
     w, g0, g1 = _signed(layer)
-    return -(1.0 - reduction_factor) * w * (g0 + g1.to(g0.device)) / 2.0
+    return -(1.0 - reduction_factor) * w * (g0 + g1) / 2.0
 
 
 def pass_loss_check(backend: Backend, record: ProbeRecord) -> dict[str, float]:

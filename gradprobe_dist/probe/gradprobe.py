@@ -420,11 +420,13 @@ def _strategy_at_reached_sparsity(probe: GradProbe, record: ProbeRecord, sparsit
     by its own rule, at the overall sparsity the threshold decision reached (an allocation's
     layer sparsities scaled by the same factor); Wanda's or magnitude's lowest scores at a
     lower sparsity lie inside their candidates at ``sparsity``."""
+    check_guard("threshold", probe.strategy.get_name(), isinstance(probe.strategy, ScoredStrategy), record.nm)
     reached = decide(record, sparsity, probe.backend, gradient_threshold=gradient_threshold)
     at = reached.total_pruned / sum(record.slices[n].full_numel for n in record.layers)
     if record.layer_sparsity:
         scale = at / sparsity if sparsity else 0.0
-        record = dataclasses.replace(record, layer_sparsity={n: s * scale for n, s in record.layer_sparsity.items()})
+        record = dataclasses.replace(record, layer_sparsity={n: min(1.0, s * scale)
+                                                             for n, s in record.layer_sparsity.items()})
     candidates = {n: layer.tentative for n, layer in record.layers.items()}
     return counted(record, in_strategy_order(probe.backend, _strategy_order(probe, record), candidates, None, at),
                    probe.backend)

@@ -41,7 +41,8 @@ def probe_vetoes(backend: Backend, record: ProbeRecord, gradient_threshold: floa
                  fraction: float | None = None,
                  score: Callable[[LayerProbe], torch.Tensor] = LayerProbe.ratio) -> dict[str, torch.Tensor]:
     """Local bool masks (True = vetoed) per probed weight; a collective with ``fraction``,
-    which vetoes each layer's highest ``score(layer)`` (per candidate; the gradient ratio)."""
+    which vetoes each layer's highest ``score(layer)`` (per candidate; the gradient ratio).
+    Without ``fraction`` the ratio's threshold rule decides and ``score`` is not read."""
     check_fraction(fraction)
     if fraction is None:
         return {n: layer.expand(~prune_decision(layer.old, layer.new, gradient_threshold))
