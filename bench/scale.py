@@ -55,14 +55,15 @@ SIZES = {
                      num_key_value_heads=2, vocab_size=512), 1),
 }
 # launches of (parallel, ranks, [(size, stages)]), cheapest first; the report is rewritten after
-# each, so a run cut short keeps what it measured. Sized for a loaded 2-core machine: 135 M
-# runs 3 stages in one process only.
+# each, so a run cut short keeps what it measured. Sized for a 2-core machine: 135 M runs 3
+# stages in one process only.
 PLAN = [
     ("none", 1, [(size, stages) for size in ("llama-10m", "llama-35m") for stages in (1, 3)]),
     ("fsdp", 2, [(size, stages) for size in ("llama-10m", "llama-35m") for stages in (1, 3)]),
-    ("zero3", 2, [("llama-10m", 1), ("llama-10m", 3)]),
+    ("zero3", 2, [("llama-10m", 1), ("llama-10m", 3), ("llama-35m", 1)]),
     ("none", 1, [("llama-135m", 1), ("llama-135m", 3)]),
     ("fsdp", 2, [("llama-135m", 1)]),
+    ("zero3", 2, [("llama-135m", 1)]),
 ]
 SMOKE_PLAN = [("none", 1, [(size, stages) for size in ("smoke-a", "smoke-b") for stages in (1, 3)])]
 

@@ -161,6 +161,32 @@ def test_statistics_match_direct_computation(statistic):
     torch.testing.assert_close(layer.old, expected[layer.tentative])
 
 
+@pytest.mark.parametrize("statistic, kept_in", [("max_abs", torch.bfloat16), ("mean_abs", torch.float32),
+                                               ("rms", torch.float32)])
+def test_statistic_of_bf16_gradients_is_exact_in_what_keeps_it(statistic, kept_in):
+    """A max of bf16 gradients is a bf16 value, so max_abs keeps it in bf16 at no loss (half
+    the memory of float32); sums stay in stat_dtype (float32)."""
+    torch.manual_seed(3)
+    model = SimpleMLP(8, [6], 3).to(torch.bfloat16)
+    x, y = _data(64, 8, 3).tensors
+    loader = DataLoader(TensorDataset(x.to(torch.bfloat16), y), batch_size=16)
+    grads = []
+    for xb, yb in loader:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(xb).float(), yb).backward()
+        grads.append(model.layers[0].weight.grad.float())
+    g = torch.stack(grads)
+    expected = {"max_abs": g.abs().amax(0), "mean_abs": g.abs().mean(0), "rms": g.pow(2).mean(0).sqrt()}[statistic]
+    probe = GradProbe(model, MagnitudePruning(), statistic=statistic)
+    record = probe.probe(loader, lambda out, target: nn.functional.cross_entropy(out.float(), target), 0.5, 4, 0.1)
+    layer = record.layers["layers.0.weight"]
+    assert layer.old.dtype == layer.new.dtype == kept_in
+    if statistic == "max_abs":
+        assert torch.equal(layer.old.float(), expected[layer.tentative])  # bit-exact, not close
+    else:
+        torch.testing.assert_close(layer.old, expected[layer.tentative])
+
+
 def test_dict_batches_use_the_models_own_loss_and_compute_loss_hook():
     from gradprobe_dist import TinyGPT, TinyGPTConfig
 

@@ -266,7 +266,7 @@ class MaskCheckpoint:
         file = f"{LAYERS_DIR}/{layer_file_name(name)}"
         atomic_write(self.directory / file, data)
 
-        pruned = int(mask.sum())
+        pruned = int(mask.count_nonzero())
         entry = {
             "file": file,
             "shape": list(mask.shape),

@@ -147,13 +147,13 @@ def _local_masks(scores: list[torch.Tensor], k: int, label: str) -> list[torch.T
     """The same rule in one process, without radix rounds: one ``kthvalue`` over the
     concatenation, then the first ties in flat order (several times cheaper than the keys)."""
     flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in scores]) + 0.0
-    nans = int(torch.isnan(flat).sum())
+    nans = int(torch.isnan(flat).count_nonzero())
     _raise_on_bad_counts([nans], [flat.numel()], [k], [label])
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if k:
         kth = torch.kthvalue(flat, k).values
         tie = flat == kth
-        mask = (flat < kth) | (tie & (tie.cumsum(0) <= k - int((flat < kth).sum())))
+        mask = (flat < kth) | (tie & (tie.cumsum(0) <= k - int((flat < kth).count_nonzero())))
     return [m.reshape(t.shape) for m, t in zip(mask.split([t.numel() for t in scores]), scores)]
 
 

@@ -51,7 +51,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     #: precision of the weights (and so of forward/backward): auto = the checkpoint's own
     #: (float32 for a model built without weights); the gradient statistic stays
-    #: prune.stat_dtype (float32 by default)
+    #: prune.stat_dtype (float32 by default; max_abs of 16-bit gradients is exact in their own
+    #: dtype and kept there)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
     def __post_init__(self):

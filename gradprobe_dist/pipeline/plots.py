@@ -151,7 +151,7 @@ def draw_ratio_histograms(ratios: Mapping[str, torch.Tensor], out: Path) -> list
                 ax.hist(positive.log10().numpy(), bins=50, color="tab:blue")
             ax.axvline(0.0, color="tab:red", linewidth=1)
             share = float((values <= 1).float().mean()) if values.numel() else 0.0
-            zero, inf = int((values == 0).sum()), int(values.isinf().sum())
+            zero, inf = int((values == 0).count_nonzero()), int(values.isinf().count_nonzero())
             ax.set_title(f"{name}\n{values.numel()} weights, {100 * share:.0f}% <= 1, "
                          f"{zero} zero, {inf} inf", fontsize=7)
             ax.set_xlabel("log10(new / old)", fontsize=7)

@@ -171,7 +171,7 @@ def round_masks(backend: Backend, record: ProbeRecord, pruned: dict[str, torch.T
                   .to(alive[n].device) for n, layer in record.layers.items()]
     else:
         counts = backend.sum_over_shards(torch.tensor(
-            [[int(pruned[n].sum()), int(alive[n].sum())] for n in names], dtype=torch.float64))
+            [[int(pruned[n].count_nonzero()), int(alive[n].count_nonzero())] for n in names], dtype=torch.float64))
         carried, candidates = counts[:, 0].long().tolist(), counts[:, 1].long().tolist()
         numels = [backend.local_slice(n).full_numel for n in names]
         # already-pruned weights rank after every alive candidate, even one whose ratio is inf
@@ -211,8 +211,8 @@ def layer_counts(backend: Backend, record: ProbeRecord, before: dict[str, torch.
     """Per layer (over all ranks): ``numel``, ``carried`` (pruned before the round),
     ``candidates`` (alive tentative weights) and ``newly_pruned``."""
     names = list(record.layers)
-    local = torch.tensor([[int(before[n].sum()), int((~before[n] & layer.tentative).sum()),
-                           int((after[n] & ~before[n]).sum())]
+    local = torch.tensor([[int(before[n].count_nonzero()), int((~before[n] & layer.tentative).count_nonzero()),
+                           int((after[n] & ~before[n]).count_nonzero())]
                           for n, layer in record.layers.items()], dtype=torch.float64)
     totals = backend.sum_over_shards(local).long().tolist()
     return {n: {"numel": backend.local_slice(n).full_numel, "carried": c, "candidates": a,

@@ -220,7 +220,7 @@ def strategy_alone(cfg: PruneConfig, strategy: PruningStrategy, round_: Round) -
 def unprobed_counts(backend: Backend, stage: list[str], masks: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
     """Per-layer counts of a stage decided without a probe: every pruned weight counts as a
     candidate it kept none of (nothing carried, nothing restored)."""
-    pruned = backend.sum_over_shards(torch.tensor([float(masks[n].sum()) for n in stage],
+    pruned = backend.sum_over_shards(torch.tensor([float(masks[n].count_nonzero()) for n in stage],
                                                   dtype=torch.float64)).long().tolist()
     return {n: {"candidates": p, "newly_pruned": p, "carried": 0} for n, p in zip(stage, pruned)}
 
@@ -232,7 +232,7 @@ def _allocation(cfg: PruneConfig) -> Allocation | None:
 
 def _check_agrees(ckpt, name: str, full: torch.Tensor) -> None:
     """A re-probed layer that differs from its checkpoint means the inputs changed."""
-    differ = int((ckpt.load_layer(name) != full).sum())
+    differ = int((ckpt.load_layer(name) != full).count_nonzero())
     if differ:
         log.warning("layer %s was probed again after an interruption and %d of its mask bits "
                     "differ from its checkpoint, which keeps the saved mask while later stages "

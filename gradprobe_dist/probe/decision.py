@@ -105,7 +105,7 @@ def counted(record: ProbeRecord, masks: dict[str, torch.Tensor], backend: Backen
             equivalent_threshold: float | None = None) -> Decision:
     """``masks`` as a ``Decision``, with their counts over all ranks (a collective)."""
     counts = backend.sum_over_shards(torch.tensor(
-        [[int(layer.tentative.sum()), int(masks[n].sum())] for n, layer in record.layers.items()],
+        [[int(layer.tentative.count_nonzero()), int(masks[n].count_nonzero())] for n, layer in record.layers.items()],
         dtype=torch.float64).reshape(-1, 2)).long().tolist()
     return Decision(masks, equivalent_threshold, {n: c[0] for n, c in zip(record.layers, counts)},
                     {n: c[1] for n, c in zip(record.layers, counts)})
@@ -131,7 +131,7 @@ def _lowest_overall(record: ProbeRecord, ratios: dict[str, torch.Tensor], sparsi
     """Exactly ``sparsity`` of each layer (``scope="layer"``, or its allocated sparsity) or of
     all layers together (``"global"``), lowest ratio first among the tentative weights."""
     tentative = backend.sum_over_shards(torch.tensor(
-        [int(layer.tentative.sum()) for layer in record.layers.values()], dtype=torch.float64))
+        [int(layer.tentative.count_nonzero()) for layer in record.layers.values()], dtype=torch.float64))
     numels = [record.slices[n].full_numel for n in record.layers]
     if scope == "global":
         k = min(count_to_select(sum(numels), sparsity), int(tentative.sum()))

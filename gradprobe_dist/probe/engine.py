@@ -145,8 +145,7 @@ class ProbeEngine:
         """Forward + backward of every batch, each weight's gradient folded into its statistic
         (and, with ``signed``, into a running sum for its signed mean)."""
         backend = self.backend
-        acc = {n: statistics.new_accumulator(backend.local_weight(n), self.stat_dtype,
-                                             self._stat_device(n)) for n in self.param_names}
+        acc = dict.fromkeys(self.param_names)  # started by the first batch's gradients
         sums = {n: statistics.new_accumulator(backend.local_weight(n), torch.float32, self._stat_device(n))
                 for n in self.param_names} if signed else {}  # float32 whatever stat_dtype: signed sums cancel
         bar = tqdm(batches, desc=f"{label} pass", disable=not (verbose and backend.is_main),
@@ -159,7 +158,8 @@ class ProbeEngine:
             backend.backward(loss)
             for name in self.param_names:
                 grad = self._local_grad(name, index)
-                statistics.accumulate(acc[name], grad, self.statistic)
+                acc[name] = statistics.accumulate(acc[name], grad, self.statistic, self.stat_dtype,
+                                                  self._stat_device(name))
                 if signed:
                     sums[name].add_(grad.detach().to(sums[name].device))
             backend.zero_grad()
@@ -201,7 +201,8 @@ class ProbeEngine:
         with torch.no_grad():
             for name, layer in layers.items():
                 w = self.backend.local_weight(name)
-                w.masked_scatter_(layer.tentative, layer.decided_values(masks[name]).to(w.device))
+                w.masked_scatter_(layer.tentative, layer.originals.to(w.device))
+                w.masked_fill_(masks[name].to(w.device) & layer.tentative, 0)
         self.backend.commit_weights(self.param_names)
 
     def zero(self, masks: dict[str, torch.Tensor]) -> None:
@@ -256,7 +257,7 @@ class ProbeEngine:
         full extra read per step."""
         losses_ok = torch.stack(loss_finite).cpu()
         first_bad_loss = int((~losses_ok).nonzero()[0]) if not bool(losses_ok.all()) else len(batches)
-        stats_ok = bool(torch.stack([torch.isfinite(a).all() for a in acc.values()]).all()) if acc else True
+        stats_ok = bool(torch.stack([statistics.all_finite(a) for a in acc.values()]).all()) if acc else True
         flag = torch.tensor([first_bad_loss, int(stats_ok)], dtype=torch.int64, device=self.backend.device)
         first_bad_loss, stats_ok = self.backend.all_reduce(flag, "min").tolist()
         if first_bad_loss == len(batches) and stats_ok:
@@ -266,7 +267,7 @@ class ProbeEngine:
             self.prefix.select(index)
             loss = loss_of(self.module, to_device(batch, self.backend.device))
             self.backend.backward(loss)
-            finite = [torch.isfinite(self._local_grad(n, index)).all() for n in self.param_names]
+            finite = [statistics.all_finite(self._local_grad(n, index)) for n in self.param_names]
             self.backend.zero_grad()
             self._raise_if_not_finite(index, label, loss, finite)
         if first_bad_loss < len(batches):
@@ -284,7 +285,7 @@ class ProbeEngine:
         first in model order on any rank) rather than blame the data."""
         names = [n for n, _ in self.model.named_parameters()]
         bad_local = next((i for i, (_, p) in enumerate(self.model.named_parameters())
-                          if not bool(torch.isfinite(self.backend.local_part(p)).all())), len(names))
+                          if not bool(statistics.all_finite(self.backend.local_part(p).detach()))), len(names))
         flag = torch.tensor([bad_local], dtype=torch.int64, device=self.backend.device)
         bad = int(self.backend.all_reduce(flag, "min").item())
         if bad < len(names):

@@ -50,7 +50,8 @@ class GradProbe:
     ``backend`` chooses the parallel mode (default: one process on ``device``).
     ``statistic``: ``"max_abs"`` (default, as the original), ``"mean_abs"`` or ``"rms"``.
     ``stat_dtype``/``stat_device``: precision and placement of the statistic (e.g.
-    ``torch.bfloat16`` or ``"cpu"`` to save accelerator memory). ``include``/``exclude``:
+    ``torch.bfloat16`` or ``"cpu"`` to save accelerator memory; ``max_abs`` of bf16/fp16
+    gradients stays in their dtype, where it is exact). ``include``/``exclude``:
     fnmatch patterns narrowing the prunable parameters; ``extra_prunable``: patterns of other
     parameters to prune as well (see ``gradprobe_dist.probe.params``).
     ``cache_prefix``: run the blocks before the first probed block once per batch, not once
@@ -247,7 +248,7 @@ class GradProbe:
         counts = torch.zeros(2, dtype=torch.float64)
         for name in self.param_names:
             w = self.backend.local_weight(name)
-            counts[0] += int((w == 0).sum())
+            counts[0] += int((w == 0).count_nonzero())
             counts[1] += w.numel()
         counts = self.backend.sum_over_shards(counts)
         return float(counts[0] / counts[1]) if counts[1] else 0.0

@@ -58,11 +58,6 @@ class LayerProbe:
         """A full local mask from one flag per tentative position."""
         return torch.zeros_like(self.tentative).masked_scatter_(self.tentative, selected.to(self.tentative.device))
 
-    def decided_values(self, pruned: torch.Tensor) -> torch.Tensor:
-        """Values for the tentative positions: 0 where ``pruned``, the exact original elsewhere."""
-        prune = pruned.masked_select(self.tentative).to(self.originals.device)
-        return torch.where(prune, torch.zeros_like(self.originals), self.originals)
-
 
 @dataclass
 class ProbeRecord:

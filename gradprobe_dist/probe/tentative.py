@@ -97,7 +97,7 @@ def allocate_layers(allocation: Allocation, sparsity: float, scores: dict[str, f
     high = allocation.max_sparsity
     if record is not None:
         tentative = backend.sum_over_shards(torch.tensor(
-            [float(l.tentative.sum()) for l in record.layers.values()], dtype=torch.float64))
+            [float(l.tentative.count_nonzero()) for l in record.layers.values()], dtype=torch.float64))
         high = min([high] + [float(t) / numels[n] for n, t in zip(record.layers, tentative)])
     if high < sparsity:
         raise ValueError(f"allocation cannot reach sparsity {sparsity}: a layer is capped at "

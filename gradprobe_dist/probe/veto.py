@@ -49,7 +49,7 @@ def probe_vetoes(backend: Backend, record: ProbeRecord, gradient_threshold: floa
                 for n, layer in record.layers.items()}
     names = list(record.layers)
     candidates = backend.sum_over_shards(torch.tensor(
-        [float(record.layers[n].tentative.sum()) for n in names], dtype=torch.float64))
+        [float(record.layers[n].tentative.count_nonzero()) for n in names], dtype=torch.float64))
     highest_first = [-score(record.layers[n]).clamp(min=-_FLOAT_MAX, max=_FLOAT_MAX) for n in names]
     picked = backend.select_smallest_each(highest_first, [count_to_select(int(c), fraction)
                                                           for c in candidates.tolist()])

@@ -132,7 +132,7 @@ def _choose_tiles(sweeps: list[_Sweep], b: int, ks: list[int], select_each: Sele
     else:
         vetoes = [veto if veto is not None else torch.zeros_like(scores, dtype=torch.bool)
                   for scores, veto in tiles]
-        free = sum_counts(torch.tensor([float((~v).sum()) for v in vetoes], dtype=torch.float64))
+        free = sum_counts(torch.tensor([float((~v).count_nonzero()) for v in vetoes], dtype=torch.float64))
         first = [min(k, int(f)) for k, f in zip(ks, free.tolist())]
         picked = select_each([s.masked_fill(v, inf) for (s, _), v in zip(tiles, vetoes)], first)
         rest = [k - f for k, f in zip(ks, first)]

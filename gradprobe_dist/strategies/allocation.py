@@ -74,14 +74,14 @@ def owl_scores(weights: dict[str, torch.Tensor], slices: dict, input_sq_norms: d
                                                 dtype=torch.float64))
     means = sums[:, 0] / sums[:, 1].clamp(min=1)
     outliers = backend.sum_over_shards(torch.tensor(
-        [float((s > outlier_factor * float(m)).sum()) for s, m in zip(scores.values(), means)],
+        [float((s > outlier_factor * float(m)).count_nonzero()) for s, m in zip(scores.values(), means)],
         dtype=torch.float64))
     return {n: -float(o / max(float(t), 1.0)) for n, o, t in zip(scores, outliers, sums[:, 1])}
 
 
 def redundancy_scores(record, backend) -> dict[str, float]:
     """Per layer, the fraction of tentatively selected weights whose gradient did not grow."""
-    counts = torch.tensor([[float((layer.ratio() <= 1.0).sum()), float(layer.tentative.sum())]
+    counts = torch.tensor([[float((layer.ratio() <= 1.0).count_nonzero()), float(layer.tentative.count_nonzero())]
                            for layer in record.layers.values()], dtype=torch.float64)
     counts = backend.sum_over_shards(counts)
     return {n: float(c[0] / max(float(c[1]), 1.0)) for n, c in zip(record.layers, counts)}

@@ -65,7 +65,9 @@ def lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
     mask = scores < kth
     tied = scores == kth  # the first (k - count below) tied columns of each row complete it
-    needed = k - mask.sum(dim=1, keepdim=True)
+    needed = k - mask.count_nonzero(dim=1).unsqueeze(1)
+    if bool((tied.count_nonzero(dim=1).unsqueeze(1) <= needed).all()):  # no row has ties to spare (usual)
+        return mask | tied
     return mask | (tied & (tied.cumsum(dim=1) <= needed))
 
 
