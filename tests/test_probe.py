@@ -187,6 +187,18 @@ def test_statistic_of_bf16_gradients_is_exact_in_what_keeps_it(statistic, kept_i
         torch.testing.assert_close(layer.old, expected[layer.tentative])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_finite_check_sees_nan_and_both_infinities(dtype):
+    from gradprobe_dist.probe.stats import all_finite
+
+    values = torch.randn(1000).to(dtype)
+    assert bool(all_finite(values)) and bool(all_finite(values[:0]))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = values.clone()
+        broken[517] = bad
+        assert not bool(all_finite(broken)), bad
+
+
 def test_dict_batches_use_the_models_own_loss_and_compute_loss_hook():
     from gradprobe_dist import TinyGPT, TinyGPTConfig
 

@@ -70,9 +70,13 @@ def test_lowest_per_row_counts_and_ties():
     assert mask.tolist() == [[False, True, False, True], [True, True, False, False]]
 
 
-def test_lowest_per_row_equals_a_stable_sort_with_ties_and_infinities():
+@pytest.mark.parametrize("ties", ["many", "none to spare"])
+def test_lowest_per_row_equals_a_stable_sort_with_ties_and_infinities(ties):
     torch.manual_seed(0)
-    scores = torch.randint(0, 5, (64, 33)).float()  # many ties per row
+    if ties == "many":
+        scores = torch.randint(0, 5, (64, 33)).float()  # many ties per row
+    else:  # continuous scores: no row has more ties at its k-th value than it needs
+        scores = torch.rand(64, 33)
     scores[::7, ::5] = float("inf")
     for k in (1, 7, 16, 32, 33):
         expected = torch.zeros_like(scores, dtype=torch.bool)
