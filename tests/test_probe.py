@@ -197,6 +197,8 @@ def test_the_finite_check_sees_nan_and_both_infinities(dtype):
         broken = values.clone()
         broken[517] = bad
         assert not bool(all_finite(broken)), bad
+    assert not bool(all_finite(torch.tensor([1 + 1j, complex(float("nan"), 0)])))
+    assert bool(all_finite(torch.tensor([1 + 1j, 2 - 1j])))
 
 
 def test_dict_batches_use_the_models_own_loss_and_compute_loss_hook():

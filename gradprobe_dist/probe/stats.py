@@ -52,6 +52,8 @@ def all_finite(values: torch.Tensor) -> torch.Tensor:
     every weight's statistic once per pass."""
     if values.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=values.device)
+    if not values.is_floating_point():  # complex: no order to take a min and max in
+        return torch.isfinite(values).all()
     low, high = torch.aminmax(values)
     return torch.isfinite(low) & torch.isfinite(high)
 
