@@ -5,7 +5,6 @@ the model it reads, however the path is spelled. The masks come from a real 2-ra
 run in bfloat16 (each rank loading only its rows)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import yaml

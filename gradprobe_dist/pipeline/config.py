@@ -196,6 +196,12 @@ class PruneConfig:
         self._check_rounds(strategy)
 
     @property
+    def fraction_vetoed(self) -> float | None:
+        """``veto_fraction`` where ``veto: fraction`` reads it, else None (the library's
+        ``veto_fraction`` argument)."""
+        return self.veto_fraction if self.veto == "fraction" else None
+
+    @property
     def held_out_batches(self) -> int:
         """Calibration batches per rank read after the probe's for the guard (0 without it)."""
         return self.guard_batches if self.guard else 0

@@ -160,7 +160,7 @@ class StageLoop:
             options = dict(mode=cfg.mode, gradient_threshold=cfg.gradient_threshold, target_scope=cfg.target_scope,
                            # prune.veto ranks target/sparsegpt candidates; threshold mode decides by the probe
                            reconstruct=cfg.reconstruct, veto=cfg.veto != "none" or cfg.mode == "threshold",
-                           veto_fraction=cfg.veto_fraction if cfg.veto == "fraction" else None)
+                           veto_fraction=cfg.fraction_vetoed)
             if cfg.guard:
                 masks = probe.decide_guarded(record, cfg.sparsity, job.guard_calibration,
                                              loss_fn_for(job.calibration), **options)
@@ -169,7 +169,7 @@ class StageLoop:
         else:
             order, vetoes = probe.target_order(
                 record, gradient_threshold=cfg.gradient_threshold, veto=cfg.veto != "none",
-                veto_fraction=cfg.veto_fraction if cfg.veto == "fraction" else None) \
+                veto_fraction=cfg.fraction_vetoed) \
                 if cfg.mode == "target" else (None, None)
             masks = probe.apply_masks(record, round_masks(backend, record, before, round_.sparsity, cfg.mode,
                                                           cfg.gradient_threshold, cfg.target_scope, order, vetoes))
