@@ -110,7 +110,9 @@ def test_kth_smallest_matches_kthvalue_on_three_uneven_ranks(gather_limit):
         assert f"k={total + 1}" in rank_errors["too_big"]
 
 
-@pytest.mark.parametrize("gather_limit", [0, GATHER_LIMIT], ids=["radix", "gathered"])
+# 40 values: the layers of 35, 3, 0 and 2 values share one gather, the 52 go radix, the 1 is
+# gathered alone (a second chunk)
+@pytest.mark.parametrize("gather_limit", [0, GATHER_LIMIT, 40], ids=["radix", "gathered", "chunks and radix"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_selection_equals_one_process_on_the_concatenation(world, gather_limit):
     full = _model_scores(seed=11)
@@ -193,3 +195,12 @@ def test_edge_counts_and_shapes():
 def test_bad_input_errors_name_the_problem_and_fix(call, error, words):
     with pytest.raises(error, match=re.escape(words)):
         call()
+
+
+def test_gather_chunks_pack_groups_in_order_up_to_the_limit():
+    from gradprobe_dist.parallel.select import _gather_chunks
+
+    assert _gather_chunks([35, 3, 0, 2, 52, 1], 40) == ([[0, 1, 2, 3], [5]], [4])
+    assert _gather_chunks([10, 10, 10], 20) == ([[0, 1], [2]], [])
+    assert _gather_chunks([5, 5], 0) == ([], [0, 1])
+    assert _gather_chunks([], 40) == ([], [])

@@ -5,6 +5,7 @@ lowest gradient ratios; the calibration-loss guard keeps the better of the two; 
 ranks give one process's masks."""
 import copy
 import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from gradprobe_dist.parallel import build_backend
 from gradprobe_dist.parallel.local import LocalBackend
 from gradprobe_dist.probe.decision import check_nm
 from gradprobe_dist.probe.engine import ProbeEngine
-from gradprobe_dist.probe.guard import probe_wins
+from gradprobe_dist.probe.guard import guarded, probe_wins
 from gradprobe_dist.probe.veto import probe_vetoes
 from gradprobe_dist.strategies import PruningStrategy, SelectionContext
 from gradprobe_dist.strategies.activations import collect_input_sq_norms
@@ -234,13 +235,64 @@ def test_threshold_mode_guard_refuses_what_it_cannot_compare_before_probing():
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+class _CopyingEngine:
+    """What ``guarded`` asks of the engine when decisions change kept weights: it records the
+    order of events and, at each forward pass, how many weight copies are still alive."""
+
+    def __init__(self):
+        self.weights = torch.zeros(1000)
+        self.copies: list[weakref.ref] = []
+        self.events: list = []
+
+    def weights_copy(self, names):
+        copy_ = {"w": self.weights.clone()}
+        self.copies.append(weakref.ref(copy_["w"]))
+        return copy_
+
+    def put_weights(self, weights):
+        self.weights.copy_(weights["w"])
+
+    def calibration_losses(self, batches, loss_of):
+        self.events.append(("forward", float(self.weights[0]), sum(r() is not None for r in self.copies)))
+        return torch.tensor([1.0, 1.1]) if float(self.weights[0]) == 1.0 else torch.tensor([2.0, 2.1])
+
+
+@pytest.mark.parametrize("veto_wins", [True, False])
+def test_the_guard_holds_one_weight_copy_while_scoring_and_releases_before(veto_wins):
+    """SparseGPT's side: both decisions from the original weights first, ``release`` (the
+    Hessians) before any batch runs, and at most one copy beside the live weights during
+    the forward passes; the winner's weights are left in place."""
+    engine = _CopyingEngine()
+
+    def decide(veto):
+        assert float(engine.weights[0]) == 0.0  # each side starts from the originals
+        engine.weights.fill_(1.0 if veto == veto_wins else 2.0)  # the winner's weights are 1.0
+        engine.events.append(("decide", veto))
+        return veto
+
+    kept, report = guarded(engine, ["w"], [], None, decide, None,
+                           release=lambda: engine.events.append("release"))
+    assert kept is veto_wins and report["kept"] == ("probe veto" if veto_wins else "strategy")
+    assert engine.events[:3] == [("decide", True), ("decide", False), "release"]
+    forwards = engine.events[3:]
+    assert [e[0] for e in forwards] == ["forward", "forward"] and all(e[2] <= 1 for e in forwards)
+    assert torch.equal(engine.weights, torch.ones(1000))
+
+
+def test_decide_guarded_frees_the_hessians_only_when_asked():
+    for keep in (True, False):
+        probe = GradProbe(_model(), WandaPruning())
+        record = probe.probe(_data(), LOSS, 0.5, 4, 0.1, oversample=1.5, hessians=True)
+        probe.decide_guarded(record, 0.5, HELD_OUT, LOSS, mode="sparsegpt", veto_fraction=0.3,
+                             keep_hessians=keep)
+        assert (record.hessians is not None) == keep
+
+
 @pytest.mark.parametrize("veto_wins", [True, False])
 @pytest.mark.parametrize("mode", ["target", "sparsegpt", "threshold"])
 def test_the_guard_takes_either_side(monkeypatch, veto_wins, mode):
     """Whichever side measures lower is kept, masks and (SparseGPT's) updated weights alike."""
     low, high = torch.tensor([1.0, 1.2, 0.9, 1.1]), torch.tensor([2.0, 2.1, 2.2, 1.9])
-    losses = iter([low, high] if veto_wins else [high, low])
-    monkeypatch.setattr(ProbeEngine, "calibration_losses", lambda self, batches, loss_of: next(losses))
     reference = {}
     for veto in (True, False):
         m = _model()
@@ -249,6 +301,12 @@ def test_the_guard_takes_either_side(monkeypatch, veto_wins, mode):
                          hessians=mode == "sparsegpt")
         reference[veto] = (p.decide(record, 0.5, mode=mode, veto_fraction=0.3, veto=veto),
                            {n: t.detach().clone() for n, t in m.named_parameters()})
+
+    def losses(self, batches, loss_of):  # by the weights in place, whatever order the guard runs
+        vetoed_in_place = all(torch.equal(t, reference[True][1][n]) for n, t in self.model.named_parameters())
+        return low if vetoed_in_place == veto_wins else high
+
+    monkeypatch.setattr(ProbeEngine, "calibration_losses", losses)
     model = _model()
     probe = GradProbe(model, WandaPruning())
     masks = probe.prune(_data(), LOSS, 0.5, 4, mode=mode, veto_fraction=0.3, guard=True)

@@ -5,9 +5,9 @@ rank, yet gathering billions of scores onto one rank does not fit. A radix selec
 order-preserving integer key of each float32 value finds the exact k-th smallest with four
 rounds of a 256-bin histogram summed over ranks (one ``all_reduce`` per round, batched over
 all tensors); one ``all_gather`` of tie counts then decides which equal values are taken.
-Selections of at most ``GATHER_LIMIT`` values over all ranks (SparseGPT's per-block tiles)
-are cheaper gathered: every rank gets all the values and selects locally, with the same
-result.
+Selection groups of at most ``GATHER_LIMIT`` values over all ranks (one layer's candidates,
+SparseGPT's per-block tiles) are cheaper gathered, as many groups per ``all_gather`` as fit
+in the limit: every rank gets their values and selects locally, with the same result.
 
 Order used everywhere: values compare as float32 (so ``-0.0 == 0.0``); among equal values
 the lowest (tensor index, rank, flat index) comes first. That is the global order when
@@ -178,15 +178,53 @@ def _gathered_masks(scores: list[torch.Tensor], owner: list[int], ks: list[int],
     return masks
 
 
+def _gather_chunks(group_totals: list[int], gather_limit: int) -> tuple[list[list[int]], list[int]]:
+    """Groups (in order) packed into chunks of at most ``gather_limit`` values each, and the
+    groups too large for any chunk."""
+    chunks: list[list[int]] = []
+    large: list[int] = []
+    filled = 0
+    for g, total in enumerate(group_totals):
+        if total > gather_limit:
+            large.append(g)
+            continue
+        if not chunks or filled + total > gather_limit:
+            chunks.append([])
+            filled = 0
+        chunks[-1].append(g)
+        filled += total
+    return chunks, large
+
+
 def _select(scores: list[torch.Tensor], owner: list[int], ks: list[int], labels: list[str],
             collectives, gather_limit: int) -> list[torch.Tensor]:
-    """Gathered when small, radix otherwise: the same choice on every rank (global sizes)."""
+    """Groups of at most ``gather_limit`` values over all ranks are gathered, as many groups
+    per ``all_gather`` as fit in that limit (a layer-by-layer selection of a deep model
+    takes a few gathers, not five rounds over every value); larger groups go through the
+    radix select together. The same partition on every rank: it depends on global sizes."""
     sizes = collectives.all_gather(torch.tensor([t.numel() for t in scores], dtype=torch.int64,
                                                 device=scores[0].device))
-    if int(sizes.sum()) <= gather_limit:
-        return _gathered_masks(scores, owner, ks, labels, sizes, collectives)
-    target, ties_needed = _radix_select(scores, owner, ks, labels, collectives)
-    return _tie_broken_masks(scores, owner, target, ties_needed, collectives)
+    members: list[list[int]] = [[] for _ in ks]
+    for i, g in enumerate(owner):
+        members[g].append(i)
+    chunks, large = _gather_chunks([int(sizes[:, idx].sum()) for idx in members], gather_limit)
+    masks: list[torch.Tensor | None] = [None] * len(scores)
+
+    def gathered(idx, sub_owner, sub_ks, sub_labels):
+        return _gathered_masks([scores[i] for i in idx], sub_owner, sub_ks, sub_labels, sizes[:, idx], collectives)
+
+    def radix(idx, sub_owner, sub_ks, sub_labels):
+        sub_scores = [scores[i] for i in idx]
+        target, ties_needed = _radix_select(sub_scores, sub_owner, sub_ks, sub_labels, collectives)
+        return _tie_broken_masks(sub_scores, sub_owner, target, ties_needed, collectives)
+
+    for groups, select in [*((chunk, gathered) for chunk in chunks), *([(large, radix)] if large else [])]:
+        idx = [i for g in groups for i in members[g]]
+        sub_owner = [j for j, g in enumerate(groups) for _ in members[g]]
+        picked = select(idx, sub_owner, [ks[g] for g in groups], [labels[g] for g in groups])
+        for i, mask in zip(idx, picked):
+            masks[i] = mask
+    return masks
 
 
 # -- public API -----------------------------------------------------------------------------
@@ -208,9 +246,10 @@ def select_smallest(scores: Sequence[torch.Tensor], k: int, collectives=None,
 def select_smallest_each(scores: Sequence[torch.Tensor], ks: Sequence[int], collectives=None,
                          gather_limit: int = GATHER_LIMIT) -> list[torch.Tensor]:
     """For each tensor i on its own, a bool mask of its ``ks[i]`` smallest values over all
-    ranks (ties to the lowest rank, then flat index). A collective whose calls (as
-    ``select_smallest``'s) cover every tensor at once, so per-layer selection of a deep model
-    stays cheap."""
+    ranks (ties to the lowest rank, then flat index). A collective whose calls cover many
+    tensors at once, so per-layer selection of a deep model stays cheap: one ``all_gather``
+    of sizes, then one per ``gather_limit`` values of tensors under that limit, plus five
+    for all the larger ones together."""
     scores = _check_tensors(scores, "scores")
     ks = [_check_k(k, f"ks[{i}]") for i, k in enumerate(ks)]
     if len(ks) != len(scores):

@@ -163,7 +163,7 @@ class StageLoop:
                            veto_fraction=cfg.fraction_vetoed)
             if cfg.guard:
                 masks = probe.decide_guarded(record, cfg.sparsity, job.guard_calibration,
-                                             loss_fn_for(job.calibration), **options)
+                                             loss_fn_for(job.calibration), keep_hessians=False, **options)
             else:
                 masks = probe.decide(record, cfg.sparsity, **options)
         else:

@@ -151,7 +151,8 @@ class GradProbe:
                             hessians=reconstruct or mode == "sparsegpt")
         options = dict(mode=mode, gradient_threshold=gradient_threshold, target_scope=target_scope,
                        reconstruct=reconstruct, veto_fraction=veto_fraction)
-        decision = _guarded(self, record, sparsity, scored, make_loss_of_batch(loss_fn, compute_loss), **options) \
+        decision = _guarded(self, record, sparsity, scored, make_loss_of_batch(loss_fn, compute_loss),
+                            keep_hessians=False, **options) \
             if guard else _decide(self, record, sparsity, **options)
         if verbose:
             _report(self, decision, sparsity)
@@ -186,14 +187,18 @@ class GradProbe:
 
     def decide_guarded(self, record: ProbeRecord, sparsity: float, batches: list,
                        loss_fn: Callable | None = None, *, compute_loss: LossOfBatch | None = None,
-                       **options) -> dict[str, torch.Tensor]:
+                       keep_hessians: bool = True, **options) -> dict[str, torch.Tensor]:
         """``decide`` with the probe's veto and without it; keep the masks (and updated
         weights) with the lower mean calibration loss over ``batches`` (forward only: the
         probe's own batches or calibration batches held out from it, no evaluation data), the
         veto's only when lower by more than two standard errors (``probe.guard.probe_wins``).
         ``self.guard_report`` says which won. Threshold mode compares with the strategy at
-        the sparsity the threshold decision reached (a scored strategy without N:M pattern)."""
-        return _guarded(self, record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss), **options).masks
+        the sparsity the threshold decision reached (a scored strategy without N:M pattern).
+        ``keep_hessians=False`` drops the record's Hessians once both decisions are made, so
+        the guard's forward passes run without them (the record cannot be decided again in
+        sparsegpt mode or with ``reconstruct``)."""
+        return _guarded(self, record, sparsity, batches, make_loss_of_batch(loss_fn, compute_loss),
+                        keep_hessians=keep_hessians, **options).masks
 
     def target_order(self, record: ProbeRecord, *, gradient_threshold: float = 0.0,
                      veto_fraction: float | None = None, veto: bool = True
@@ -331,7 +336,7 @@ class GradProbe:
 
 
 def _guarded(probe: GradProbe, record: ProbeRecord, sparsity: float, batches: list, loss_of: LossOfBatch,
-             **options) -> Decision:
+             keep_hessians: bool = True, **options) -> Decision:
     """``decide_guarded``'s work: both decisions, the one with the lower calibration loss kept."""
     mode = options.pop("mode", "threshold")
     options.pop("veto", None)
@@ -341,7 +346,8 @@ def _guarded(probe: GradProbe, record: ProbeRecord, sparsity: float, batches: li
         probe.engine, record.layers, batches, loss_of,
         lambda veto: _decide(probe, record, sparsity, mode=mode, veto=veto, **options),
         None if updates_weights else lambda vetoed: probe.engine.apply_masks(record.layers, vetoed.masks),
-        probe_label="probe threshold" if mode == "threshold" else "probe veto")
+        probe_label="probe threshold" if mode == "threshold" else "probe veto",
+        release=None if keep_hessians else lambda: setattr(record, "hessians", None))
     probe.masks, probe.equivalent_threshold = kept.masks, kept.equivalent_threshold
     if probe.backend.is_main:
         log.info("guard (rank 0): calibration loss %.5f with the probe, %.5f without (standard error of "

@@ -59,29 +59,54 @@ def probe_wins(probe_losses: torch.Tensor, strategy_losses: torch.Tensor) -> tup
 
 def guarded(engine: ProbeEngine, names, batches: list, loss_of: LossOfBatch,
             decide: Callable[[bool], Result], reapply: Callable[[Result], None] | None,
-            probe_label: str = "probe veto") -> tuple[Result, dict]:
+            probe_label: str = "probe veto", release: Callable[[], None] | None = None) -> tuple[Result, dict]:
     """``decide(veto)`` applies a decision to the weights ``names``; both are tried, the
     better one is left applied. ``reapply(result)`` puts the vetoed decision back when the
     decisions only zero weights; None when they also change kept weights (SparseGPT,
     reconstruction) or zero them for good (iterative rounds), so each side starts from the
-    original weights and the winner's are written back.
+    original weights and the winner's are written back. ``release()``, when given, runs once
+    both decisions are made: what only they need (the Hessians) is gone before the batches
+    run forward.
     Returns the kept result and ``{"kept": probe_label or "strategy", "veto_loss",
     "strategy_loss", "difference_se"}``: the two mean calibration losses and the standard
     error of their per-batch difference (see ``probe_wins``)."""
-    originals = engine.weights_copy(names) if reapply is None else None
-    vetoed = decide(True)
-    vetoed_losses = engine.calibration_losses(batches, loss_of)
-    vetoed_weights = engine.weights_copy(names) if reapply is None else None
     if reapply is None:
-        engine.put_weights(originals)
-    own = decide(False)
-    own_losses = engine.calibration_losses(batches, loss_of)
-    keep_veto, error = probe_wins(vetoed_losses, own_losses)
-    if keep_veto:
-        if reapply is None:
-            engine.put_weights(vetoed_weights)
-        else:
+        vetoed, own, vetoed_losses, own_losses, keep_veto, error = _by_weight_copies(
+            engine, names, batches, loss_of, decide, release)
+    else:
+        vetoed = decide(True)
+        vetoed_losses = engine.calibration_losses(batches, loss_of)
+        own = decide(False)
+        if release is not None:
+            release()
+        own_losses = engine.calibration_losses(batches, loss_of)
+        keep_veto, error = probe_wins(vetoed_losses, own_losses)
+        if keep_veto:
             reapply(vetoed)
     report = {"kept": probe_label if keep_veto else "strategy", "veto_loss": float(vetoed_losses.mean()),
               "strategy_loss": float(own_losses.mean()), "difference_se": error}
     return (vetoed if keep_veto else own), report
+
+
+def _by_weight_copies(engine: ProbeEngine, names, batches: list, loss_of: LossOfBatch,
+                      decide: Callable[[bool], Result], release: Callable[[], None] | None):
+    """Both decisions from the original weights first, then both forward passes: besides the
+    live weights, one copy at a time is held while the batches run (the winner's is written
+    back), and ``release`` frees what the decisions needed before any batch runs."""
+    originals = engine.weights_copy(names)
+    vetoed = decide(True)
+    vetoed_weights = engine.weights_copy(names)
+    engine.put_weights(originals)
+    del originals
+    own = decide(False)
+    if release is not None:
+        release()
+    own_losses = engine.calibration_losses(batches, loss_of)
+    own_weights = engine.weights_copy(names)
+    engine.put_weights(vetoed_weights)
+    del vetoed_weights
+    vetoed_losses = engine.calibration_losses(batches, loss_of)
+    keep_veto, error = probe_wins(vetoed_losses, own_losses)
+    if not keep_veto:
+        engine.put_weights(own_weights)
+    return vetoed, own, vetoed_losses, own_losses, keep_veto, error
