@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redo-from-stage", type=int, metavar="S",
                    help="recompute stage S (1-based) and every later one, keeping the earlier stages")
     p.add_argument("--eval", action="store_true", help="also report eval loss/perplexity before and after")
+    p.add_argument("--eval-after", action="store_true",
+                   help="report eval loss/perplexity after pruning only (a comparison run whose dense "
+                        "model another run evaluated already)")
 
     p = sub.add_parser("sweep", help="one probe, every prune.thresholds value decided and evaluated")
     _config_args(p)

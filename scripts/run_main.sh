@@ -20,7 +20,7 @@ echo "== GradProbe: SparseGPT with the probe's veto and the guard, 2 ranks, FSDP
 bash launch/torchrun.sh prune --config "$CONFIG" --eval output_dir=$RUN/masks "$@" | tee $RUN/gradprobe.log
 SPARSITY=$(gp inspect $RUN/masks --json | python -c "import json,sys,math; r=json.load(sys.stdin); print(sum(x['pruned'] for x in r)/sum(math.prod(x['shape']) for x in r))")
 echo "== Wanda alone at the same actual sparsity ($SPARSITY): target mode in Wanda's order, no veto, so no gradient pass"
-bash launch/torchrun.sh prune --config "$CONFIG" --quiet --eval prune.mode=target prune.veto=none \
+bash launch/torchrun.sh prune --config "$CONFIG" --quiet --eval-after prune.mode=target prune.veto=none \
   prune.guard=false prune.sparsity="$SPARSITY" output_dir=$RUN/wanda | tee $RUN/wanda.log
 python - "$RUN" "$SPARSITY" <<'PY'
 import re, sys

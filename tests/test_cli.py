@@ -102,6 +102,9 @@ def test_prune_json_inspect_and_quiet(data, tmp_path, capsys, log_lines):
     table = capsys.readouterr().out
     assert "blocks.2.mlp.proj.weight" in table and "16x64" in table and "12 layers" in table
 
+    after_only = run_json(capsys, "prune", "--config", config, "--restart", "--eval-after")
+    assert after_only["eval_before"] is None and after_only["eval_after"] == result["eval_after"]
+
     log_lines.clear()
     assert cli.main(["prune", "--config", str(config), "--restart", "--quiet"]) == 0
     assert not [line for line in log_lines if line.startswith("INFO")]

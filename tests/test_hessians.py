@@ -1,6 +1,8 @@
 """Input Hessians: layers fed one tensor share a matrix; averaged over real gloo ranks, each
 matrix lives on one owner rank only (owners balanced by size), and ``fetch`` brings every
-rank the matrix one process gets from all the ranks' inputs."""
+rank the matrix one process gets from all the ranks' inputs; ``invert`` factors each matrix
+once, on its owner, into exactly what a sweep would compute from it."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -8,7 +10,8 @@ from gradprobe_dist.parallel import build_backend
 from gradprobe_dist.parallel.local import LocalBackend
 from gradprobe_dist.reconstruct.hessians import (Hessians, as_hessians, average_over_ranks, balanced_owners,
                                                  collect_input_hessians)
-from gradprobe_dist.reconstruct.obs import accumulate_hessian
+from gradprobe_dist.reconstruct import hessians as hessians_module
+from gradprobe_dist.reconstruct.obs import InverseFactor, accumulate_hessian, inverse_factor
 from multiproc import run_ranks
 
 
@@ -90,3 +93,57 @@ def test_a_plain_mapping_is_taken_as_replicated():
     assert list(hessians) == ["a", "b"] and "b" in hessians and len(hessians) == 2
     assert hessians.fetch(["b"])[0] is H
     assert as_hessians(hessians) is hessians and isinstance(hessians, Hessians)
+
+
+
+def _inverted(rank, world, not_definite):
+    """On each rank: what it would factor itself from the fetched matrices, then ``invert``
+    (counting the factorizations this rank does) and what ``fetch`` brings afterwards."""
+    backend = build_backend("ddp", torch.device("cpu"))
+    local = _collect(Block(), _batches(rank, world))
+    if not_definite:
+        local["up"][0].neg_()
+    hessians = average_over_ranks(local, backend)
+    names = list(hessians)
+    own = {} if not_definite else {n: inverse_factor(H, 0.01) for n, H in zip(names, hessians.fetch(names))}
+    calls, factor = [], hessians_module.inverse_factor
+    hessians_module.inverse_factor = lambda H, percdamp: calls.append(H.shape[0]) or factor(H, percdamp)
+    try:
+        hessians.invert(0.01)
+    except ValueError as error:
+        return str(error)
+    hessians.invert(0.01)  # a second sweep's call (the guard's): nothing redone
+    return sorted(calls), {n: torch.equal(f.hinv, own[n].hinv) and torch.equal(f.dead, own[n].dead)
+                           for n, f in zip(names, hessians.fetch(names))}
+
+
+def test_invert_factors_each_matrix_once_on_its_owner_bit_exactly():
+    (calls0, same0), (calls1, same1) = run_ranks(_inverted, 2, False)
+    assert sorted(calls0 + calls1) == [6, 6, 16]  # 3 matrices (q/k share one), each factored once
+    assert calls0 and calls1  # both ranks factor, in parallel
+    assert all(same0.values()) and all(same1.values()) and set(same0) == {"q", "k", "up", "out"}
+
+
+def test_a_matrix_that_will_not_factor_raises_on_every_rank():
+    for error in run_ranks(_inverted, 2, True):  # only the owner of "up" fails to factor it
+        assert "not positive definite" in error and "percdamp" in error
+
+
+def test_invert_keeps_its_damping_and_a_factor_sweeps_as_its_matrix():
+    from gradprobe_dist.reconstruct.sparsegpt import sparsegpt_layers
+
+    block, batches = Block(), _batches()
+    hessians = average_over_ranks(_collect(block, batches), LocalBackend())
+    (H,) = hessians.fetch(["up"])
+    H = H.clone()
+    hessians.invert(0.01)
+    (factor,) = hessians.fetch(["up"])
+    assert isinstance(factor, InverseFactor) and factor.percdamp == 0.01
+    with pytest.raises(ValueError, match="inverted with percdamp=0.01"):
+        hessians.invert(0.05)
+    W = block.up.weight.detach()
+    (from_matrix, mask_m), = sparsegpt_layers([W], [H], 0.5, blocksize=4)
+    (from_factor, mask_f), = sparsegpt_layers([W], [factor], 0.5, blocksize=4)
+    assert torch.equal(from_matrix, from_factor) and torch.equal(mask_m, mask_f) and mask_m.any()
+    with pytest.raises(ValueError, match="inverted with percdamp=0.01"):
+        sparsegpt_layers([W], [factor], 0.5, blocksize=4, percdamp=0.1)

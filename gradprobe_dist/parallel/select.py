@@ -146,14 +146,16 @@ def _tie_broken_masks(scores: list[torch.Tensor], owner: list[int], target, ties
 def _local_masks(scores: list[torch.Tensor], k: int, label: str) -> list[torch.Tensor]:
     """The same rule in one process, without radix rounds: one ``kthvalue`` over the
     concatenation, then the first ties in flat order (several times cheaper than the keys)."""
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in scores]) + 0.0
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in scores]).add_(0.0)  # a copy: -0.0 -> +0.0
     nans = int(torch.isnan(flat).count_nonzero())
     _raise_on_bad_counts([nans], [flat.numel()], [k], [label])
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if k:
         kth = torch.kthvalue(flat, k).values
-        tie = flat == kth
-        mask = (flat < kth) | (tie & (tie.cumsum(0) <= k - int((flat < kth).count_nonzero())))
+        mask, tie = flat < kth, flat == kth
+        needed = k - int(mask.count_nonzero())
+        # the first ``needed`` ties complete it; all of them when none is to spare (the usual case)
+        mask |= tie if int(tie.count_nonzero()) <= needed else tie & (tie.cumsum(0) <= needed)
     return [m.reshape(t.shape) for m, t in zip(mask.split([t.numel() for t in scores]), scores)]
 
 

@@ -54,7 +54,7 @@ def prune(args):
     with job:
         before = job.evaluate() if args.eval else None
         result = job.run(restart=args.restart, redo_from_stage=args.redo_from_stage)
-        after = job.evaluate() if args.eval else None
+        after = job.evaluate() if args.eval or args.eval_after else None
     _say(args, format_table(result.rows))
     for r in result.rounds:
         _say(args, f"round {r['round']}/{cfg.prune.rounds}: sparsity {100 * r['sparsity']:.2f}% (schedule "
@@ -65,6 +65,7 @@ def prune(args):
                f"{result.seconds:.1f} s on {env.world_size} rank(s)")
     if before is not None:
         _say(args, eval_line("before pruning", before))
+    if after is not None:
         _say(args, eval_line("after pruning ", after))
     return {"sparsity": result.sparsity, "layers": result.rows, "layers_written": result.layers_written,
             "stages": result.stages, "stages_resumed": result.stages_resumed, "rounds": result.rounds,

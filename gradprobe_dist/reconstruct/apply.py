@@ -42,6 +42,7 @@ def reconstruct_from(backend: Backend, hessians: Hessians | Mapping[str, torch.T
     """``compensate`` from ``dense_of(name)``, each layer's dense local weight (a copy), for
     every layer in ``hessians``: the pruned weights come back zero, the kept ones updated."""
     hessians = as_hessians(hessians)
+    hessians.invert(percdamp)  # each matrix factored once, on its owner
     updated = []
     for name in hessians:  # sorted: the same order on every rank
         weight = backend.local_weight(name)

@@ -6,6 +6,9 @@ its rows, but only while that layer is swept; a rank keeping every matrix would 
 of a stage's Hessians at once (about 400 MiB for SmolLM2-135M, 32 GB for a LLaMA-8B) on
 every rank. So the averaging sums each matrix onto its owner (owners balanced by size) and
 the others drop their copy; the sweeps ``fetch`` a few at a time, broadcast from the owners.
+A sweep needs only each matrix's damped inverse factor (``obs.inverse_factor``), so
+``invert`` has each owner replace its matrices by theirs, once, the ranks in parallel,
+rather than every rank factoring every matrix in every sweep (the guard sweeps twice).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch.nn as nn
 
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.probe.params import transposed_linear_types
-from gradprobe_dist.reconstruct.obs import accumulate_hessian
+from gradprobe_dist.reconstruct.obs import InverseFactor, accumulate_hessian, inverse_factor
 
 
 @contextmanager
@@ -73,8 +76,10 @@ class Hessians:
 
     def __init__(self, keys: dict[str, int], held: dict[int, torch.Tensor], owners: list[int | None],
                  shapes: list[torch.Size], backend: Backend | None):
-        self._keys, self._held, self._owners, self._shapes = keys, held, owners, shapes
-        self._backend = backend
+        self._keys, self._shapes = keys, shapes
+        self._held: dict[int, torch.Tensor | InverseFactor] = dict(held)
+        self._owners, self._backend = owners, backend
+        self._percdamp: float | None = None  # set once ``invert`` has run
 
     @classmethod
     def replicated(cls, full: Mapping[str, torch.Tensor]) -> Hessians:
@@ -94,11 +99,40 @@ class Hessians:
 
     def held_bytes(self) -> int:
         """What this rank holds, in bytes."""
-        return sum(h.numel() * h.element_size() for h in self._held.values())
+        tensors = [t for h in self._held.values() for t in ((h.lower, h.dead) if isinstance(h, InverseFactor) else (h,))]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
-    def fetch(self, names: list[str]) -> list[torch.Tensor]:
-        """The matrices of ``names`` on every rank (read-only: the owner's own tensor). A
-        collective: every rank passes the same names in the same order."""
+    def invert(self, percdamp: float) -> None:
+        """Replace every matrix this rank holds by its ``InverseFactor`` (in place: no more
+        memory), so ``fetch`` brings factors from then on. A collective: a matrix that will
+        not factor raises on every rank, and the Hessians are spent. Again with the same
+        ``percdamp``: nothing to do."""
+        if self._percdamp is not None:
+            if percdamp != self._percdamp:
+                raise ValueError(f"these Hessians were inverted with percdamp={self._percdamp} for an "
+                                 f"earlier sweep, not {percdamp}: use the same percdamp for every "
+                                 "decision from one probe")
+            return
+        failed = 0
+        for key in sorted(self._held):
+            try:
+                self._held[key] = inverse_factor(self._held[key], percdamp)
+            except ValueError:
+                failed = 1
+                break
+        backend = self._backend
+        if backend is not None and backend.world_size > 1:
+            failed = int(backend.all_reduce(torch.tensor([failed], device=backend.device), "max").item())
+        if failed:
+            self._held.clear()  # partly inverted: nothing consistent is left to decide from
+            raise ValueError("the damped Hessian of a layer is not positive definite: probe again with "
+                             "a higher percdamp (e.g. 0.1) or more calibration samples")
+        self._percdamp = percdamp
+
+    def fetch(self, names: list[str]) -> list[torch.Tensor | InverseFactor]:
+        """The matrices of ``names`` on every rank (read-only: the owner's own tensor), or
+        their ``InverseFactor`` once ``invert`` has run. A collective: every rank passes the
+        same names in the same order."""
         brought: dict[int, torch.Tensor] = {}
         for name in names:
             key = self._keys[name]
@@ -106,13 +140,20 @@ class Hessians:
                 brought[key] = self._bring(key)
         return [brought[self._keys[name]] for name in names]
 
-    def _bring(self, key: int) -> torch.Tensor:
+    def _bring(self, key: int) -> torch.Tensor | InverseFactor:
         owner, backend = self._owners[key], self._backend
         if owner is None or backend is None or backend.world_size == 1:
             return self._held[key]
-        buffer = (self._held[key] if backend.rank == owner
-                  else torch.empty(self._shapes[key], device=backend.device))
-        return backend.broadcast(buffer, src=owner)
+        mine, held, shape = backend.rank == owner, self._held.get(key), self._shapes[key]
+
+        def from_owner(tensor, dtype=torch.float32, size=shape):
+            return backend.broadcast(tensor if mine else torch.empty(size, dtype=dtype, device=backend.device),
+                                     src=owner)
+
+        if self._percdamp is None:
+            return from_owner(held)
+        dead = from_owner(held.dead.to(torch.uint8) if mine else None, torch.uint8, shape[:1])  # not every backend sends bool
+        return InverseFactor(from_owner(held.lower if mine else None), dead.bool(), self._percdamp)
 
 
 def as_hessians(hessians: Hessians | Mapping[str, torch.Tensor]) -> Hessians:

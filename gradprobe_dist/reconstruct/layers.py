@@ -68,6 +68,7 @@ def sparsegpt_masks(backend: Backend, hessians: Hessians | Mapping[str, torch.Te
     """
     vetoes = vetoes or {}
     hessians = as_hessians(hessians)
+    hessians.invert(percdamp)  # each matrix factored once, on its owner
     names = list(hessians)  # sorted: the same order on every rank
     masks: dict[str, torch.Tensor] = {}
     in_place = [n for n in names if works_in_place(backend.local_slice(n), n in transposed)]

@@ -16,6 +16,7 @@ inside the sweep, as SparseGPT does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -43,7 +44,7 @@ def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> int:
     return total
 
 
-def reconstruct_with_mask(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor,
+def reconstruct_with_mask(W: torch.Tensor, H: torch.Tensor | InverseFactor, mask: torch.Tensor,
                           blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
     """Zero ``W`` where ``mask`` is True and let the other weights absorb the output error.
 
@@ -62,7 +63,7 @@ def reconstruct_with_mask(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor,
     return weights.to(W.dtype)
 
 
-def check_args(W: torch.Tensor, H: torch.Tensor, blocksize: int, percdamp: float) -> None:
+def check_args(W: torch.Tensor, H: torch.Tensor | InverseFactor, blocksize: int, percdamp: float) -> None:
     if W.dim() != 2:
         raise ValueError(f"W must be a Linear weight [out, in], got shape {list(W.shape)}; "
                          "flatten conv weights to [out, -1] and build H from unfolded inputs")
@@ -73,23 +74,56 @@ def check_args(W: torch.Tensor, H: torch.Tensor, blocksize: int, percdamp: float
         raise ValueError(f"blocksize={blocksize!r} must be a positive int, e.g. 128")
     if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
         raise ValueError(f"percdamp={percdamp!r} must be a finite number >= 0, e.g. 0.01")
+    if isinstance(H, InverseFactor) and H.percdamp != percdamp:
+        raise ValueError(f"H was inverted with percdamp={H.percdamp}, not the {percdamp} asked for: "
+                         "pass that percdamp, or the Hessian itself")
 
 
-def prepare(W: torch.Tensor, H: torch.Tensor, percdamp: float,
-            zero_dead: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 copy of W, the upper Cholesky factor of the damped H^-1, dead-input mask."""
-    weights = W.detach().float().clone()
-    H = H.detach().to(weights.device, torch.float32).clone()
+@dataclass(frozen=True)
+class InverseFactor:
+    """All a sweep needs of a layer's ``H``, a function of ``H`` and the damping alone, so
+    computed once per matrix (``inverse_factor``): the upper Cholesky factor of the damped
+    ``H^-1`` and the inputs never active during calibration (zero diagonal)."""
+
+    #: the factor's transpose, contiguous: what travels between ranks (a collective sends a
+    #: tensor's storage, and ``cholesky(upper=True)`` returns a transposed view)
+    lower: torch.Tensor
+    dead: torch.Tensor
+    percdamp: float
+
+    @property
+    def hinv(self) -> torch.Tensor:
+        """The upper factor, laid out as ``torch.linalg.cholesky(..., upper=True)`` gives it."""
+        return self.lower.T
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.lower.shape
+
+
+def inverse_factor(H: torch.Tensor, percdamp: float) -> InverseFactor:
+    """``H``'s ``InverseFactor`` (float32, on ``H``'s device)."""
+    H = H.detach().to(torch.float32).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0  # an input never seen: no error couples it to the others
-    if zero_dead:
-        weights[:, dead] = 0.0
     H.diagonal().add_(percdamp * torch.diag(H).mean())
     factor, info = torch.linalg.cholesky_ex(H)
     if info:
         raise ValueError("the damped Hessian is not positive definite: raise percdamp (e.g. 0.1) "
                          "or use more calibration samples")
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    return InverseFactor(hinv.T.contiguous(), dead, percdamp)
+
+
+def prepare(W: torch.Tensor, H: torch.Tensor | InverseFactor, percdamp: float,
+            zero_dead: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 copy of W, the upper Cholesky factor of the damped H^-1, dead-input mask.
+    ``H`` may be given as its ``InverseFactor`` already (with this ``percdamp``)."""
+    weights = W.detach().float().clone()
+    factor = H if isinstance(H, InverseFactor) else inverse_factor(H.to(weights.device), percdamp)
+    hinv, dead = factor.hinv.to(weights.device), factor.dead.to(weights.device)
+    if zero_dead:
+        weights[:, dead] = 0.0
     dead_mask = dead.unsqueeze(0).expand_as(weights) if zero_dead else torch.zeros_like(weights, dtype=torch.bool)
     return weights, hinv, dead_mask
 

@@ -29,7 +29,7 @@ import torch
 
 from gradprobe_dist.parallel.select import select_smallest_each
 from gradprobe_dist.probe.validation import is_number
-from gradprobe_dist.reconstruct.obs import STEP, check_args, obs_block, prepare
+from gradprobe_dist.reconstruct.obs import STEP, InverseFactor, check_args, obs_block, prepare
 from gradprobe_dist.strategies.base import count_to_select
 
 SelectEach = Callable[[list[torch.Tensor], list[int]], list[torch.Tensor]]
@@ -52,13 +52,14 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize
                             percdamp=percdamp)[0]
 
 
-def sparsegpt_layers(weights: Sequence[torch.Tensor], hessians: Sequence[torch.Tensor],
+def sparsegpt_layers(weights: Sequence[torch.Tensor], hessians: Sequence[torch.Tensor | InverseFactor],
                      sparsity: float = 0.5, *, nm: tuple[int, int] | None = None,
                      vetoes: Sequence[torch.Tensor | None] | None = None, blocksize: int = 128,
                      percdamp: float = 0.01, select_each: SelectEach = select_locally,
                      sum_counts: SumCounts = lambda counts: counts) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """SparseGPT on every ``weights[i]`` (this rank's rows ``[r, in]``) with its ``hessians[i]``
-    (the whole ``[in, in]``), column blocks in lockstep; returns ``(W_new, mask)`` per layer.
+    (the whole ``[in, in]``, or its ``InverseFactor``), column blocks in lockstep; returns
+    ``(W_new, mask)`` per layer.
 
     A collective when ``select_each``/``sum_counts`` are: every rank passes the same layers
     in the same order, ``vetoes[i]`` None on every rank or on none.
@@ -83,7 +84,7 @@ def sparsegpt_layers(weights: Sequence[torch.Tensor], hessians: Sequence[torch.T
 class _Sweep:
     """One layer between column blocks: its working weights, H^-1 factor, mask and veto."""
 
-    def __init__(self, W: torch.Tensor, H: torch.Tensor, veto: torch.Tensor | None,
+    def __init__(self, W: torch.Tensor, H: torch.Tensor | InverseFactor, veto: torch.Tensor | None,
                  percdamp: float, blocksize: int):
         check_args(W, H, blocksize, percdamp)
         if veto is not None and (veto.shape != W.shape or veto.dtype != torch.bool):
