@@ -143,6 +143,15 @@ def _tie_broken_masks(scores: list[torch.Tensor], owner: list[int], target, ties
     return masks
 
 
+def with_first_ties(below: torch.Tensor, tie: torch.Tensor, needed, dim: int = -1) -> torch.Tensor:
+    """``below`` completed by the first ``needed`` ``tie`` entries along ``dim`` (``needed``
+    an int, or one count per slice with ``dim`` kept): all of them, without the cumsum, when
+    no slice has ties to spare (the usual case with continuous scores)."""
+    if bool((tie.count_nonzero(dim=dim).unsqueeze(dim) <= needed).all()):
+        return below | tie
+    return below | (tie & (tie.cumsum(dim) <= needed))
+
+
 def _local_masks(scores: list[torch.Tensor], k: int, label: str) -> list[torch.Tensor]:
     """The same rule in one process, without radix rounds: one ``kthvalue`` over the
     concatenation, then the first ties in flat order (several times cheaper than the keys)."""
@@ -152,10 +161,8 @@ def _local_masks(scores: list[torch.Tensor], k: int, label: str) -> list[torch.T
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if k:
         kth = torch.kthvalue(flat, k).values
-        mask, tie = flat < kth, flat == kth
-        needed = k - int(mask.count_nonzero())
-        # the first ``needed`` ties complete it; all of them when none is to spare (the usual case)
-        mask |= tie if int(tie.count_nonzero()) <= needed else tie & (tie.cumsum(0) <= needed)
+        below = flat < kth
+        mask = with_first_ties(below, flat == kth, k - int(below.count_nonzero()))
     return [m.reshape(t.shape) for m, t in zip(mask.split([t.numel() for t in scores]), scores)]
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from gradprobe_dist.parallel.base import LocalSlice
+from gradprobe_dist.parallel.select import with_first_ties
 from gradprobe_dist.probe.decision import lowest_in_groups
 from gradprobe_dist.strategies.base import ScoredStrategy, SelectionContext, check_nm_shape, count_to_select, parse_pattern
 
@@ -63,12 +64,8 @@ def lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0 or scores.shape[1] == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
-    mask = scores < kth
-    tied = scores == kth  # the first (k - count below) tied columns of each row complete it
-    needed = k - mask.count_nonzero(dim=1).unsqueeze(1)
-    if bool((tied.count_nonzero(dim=1).unsqueeze(1) <= needed).all()):  # no row has ties to spare (usual)
-        return mask | tied
-    return mask | (tied & (tied.cumsum(dim=1) <= needed))
+    below = scores < kth  # the first (k - count below) tied columns of each row complete it
+    return with_first_ties(below, scores == kth, k - below.count_nonzero(dim=1).unsqueeze(1), dim=1)
 
 
 class WandaPruning(ScoredStrategy):
