@@ -28,5 +28,5 @@ sys.exit(code)
 PY
 export OMP_NUM_THREADS=4
 timeout 480 torchrun --standalone --nproc_per_node=1 "$WRAPPER" prune --config configs/smollm2-50.yaml --eval \
-  --restart device=cuda model.dtype=bfloat16 data.micro_batch_size=4 data.eval_batches=6 \
+  --restart device=cuda model.dtype=bfloat16 data.micro_batch_size=4 data.eval_batches=2 \
   output_dir=$RUN/masks-gpu

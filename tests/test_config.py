@@ -83,6 +83,7 @@ def test_wrong_types_are_errors_naming_the_key(override, key):
     ("prune.stages=[[]]", "prune.stages=.* has an empty stage"),
     ("data.micro_batch_size=0", "data.micro_batch_size=0 must be >= 1"),
     ("data.eval_batches=0", "data.eval_batches=0 must be >= 1"),
+    ("data.eval_micro_batch_size=0", "data.eval_micro_batch_size=0 must be >= 1"),
     ("seed=-1", "seed=-1 must be >= 0"),
     ("output_dir=''", "output_dir is empty"),
 ])

@@ -185,6 +185,22 @@ def test_evaluation_reads_no_calibration_data_and_needs_eval_shards(tiny_data, t
         job_for(config, "data.eval_shards=null").evaluate()
 
 
+def test_evaluation_micro_batches_change_the_passes_not_the_result(tiny_data, tmp_path):
+    """data.eval_micro_batch_size regroups the same samples: 4 forwards of 4 give the
+    8 forwards of 2's tokens and loss (to float rounding), and calibration keeps its size."""
+    config = write_config(tmp_path / "run.yaml", tiny_data, output_dir=tmp_path / "masks")
+    small = job_for(config).evaluate()
+    job = job_for(config, "data.eval_micro_batch_size=4", "data.eval_batches=4")
+    calls = []
+    job.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(len(kwargs["input_ids"])),
+                                    with_kwargs=True)
+    large = job.evaluate()
+    assert calls == [4, 4, 4, 4]
+    assert large["tokens"] == small["tokens"] == 8 * 2 * 15
+    assert large["loss"] == pytest.approx(small["loss"], rel=1e-6)
+    assert [b["input_ids"].shape[0] for b in job.calibration] == [2] * len(job.calibration)
+
+
 def test_classifier_on_tensor_shards_prunes_evaluates_and_sweeps(tmp_path):
     """(inputs, targets) data take the cross-entropy path, in prune, eval and sweep."""
     gen = torch.Generator().manual_seed(0)

@@ -146,10 +146,10 @@ def check_inputs(cfg: RunConfig) -> list[str]:
         lines.append(f"data.shards {data.shards}: {cfg.prune.num_batches + cfg.prune.held_out_batches} "
                      f"batches of {data.micro_batch_size} {checked}")
     if data.eval_shards:
-        shard_batches(data.eval_shards, micro_batch_size=data.micro_batch_size, num_batches=data.eval_batches,
+        shard_batches(data.eval_shards, micro_batch_size=data.eval_batch_size, num_batches=data.eval_batches,
                       vocab_size=vocab_size)
         lines.append(f"data.eval_shards {data.eval_shards}: {data.eval_batches} batches of "
-                     f"{data.micro_batch_size} {checked}")
+                     f"{data.eval_batch_size} {checked}")
     check_output_dir(cfg)
     return lines
 

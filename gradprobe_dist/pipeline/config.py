@@ -88,12 +88,23 @@ class DataConfig:
     #: evaluation: shards for `gradprobe eval` (perplexity or accuracy); optional
     eval_shards: str | None = None
     eval_batches: int = 8
+    #: samples per evaluation micro-batch (default: micro_batch_size); no gradients are kept,
+    #: so it can be larger, and under FSDP each one costs one all-gather of the weights
+    eval_micro_batch_size: int | None = None
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
             raise ConfigError(f"data.micro_batch_size={self.micro_batch_size} must be >= 1")
         if self.eval_batches < 1:
             raise ConfigError(f"data.eval_batches={self.eval_batches} must be >= 1")
+        if self.eval_micro_batch_size is not None and self.eval_micro_batch_size < 1:
+            raise ConfigError(f"data.eval_micro_batch_size={self.eval_micro_batch_size} must be >= 1 "
+                              "(or leave it out to use data.micro_batch_size)")
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Samples per evaluation micro-batch."""
+        return self.eval_micro_batch_size or self.micro_batch_size
 
 
 @dataclass

@@ -311,14 +311,14 @@ class PruneJob:
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Loss/perplexity or accuracy of the model as it is now, on ``data.eval_shards``
-        (``data.eval_batches`` micro-batches per rank, summed over ranks)."""
+        (``data.eval_batches`` micro-batches of ``data.eval_batch_size`` per rank, summed over ranks)."""
         data = self.cfg.data
         if not data.eval_shards:
             raise ValueError("no evaluation data: set data.eval_shards to a shard directory "
                              "(write one with `gradprobe make-shards --bundled valid`)")
         if self._eval_batches is None:
             self._eval_batches = shard_batches(
-                data.eval_shards, micro_batch_size=data.micro_batch_size,
+                data.eval_shards, micro_batch_size=data.eval_batch_size,
                 num_batches=data.eval_batches, rank=self.env.rank, world_size=self.env.world_size,
                 vocab_size=token_vocab_size(self.model))
         wrapped = self.backend.prepare(self.model, self.names)
