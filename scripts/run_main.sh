@@ -10,18 +10,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_base.sh
 export OMP_NUM_THREADS=1
+export NPROC=${NPROC:-2}  # the config's 2 CPU ranks (device: cpu), without a torch import to count GPUs
 CONFIG=${CONFIG:-configs/smollm2-50.yaml}
 RUN=runs/smollm2
 gp() { python -m gradprobe_dist "$@"; }
 gp fetch-model smollm2-135m --out $RUN/model
-[ -f $RUN/calib/metadata.json ] || gp make-shards --bundled train --tokenizer $RUN/model --out $RUN/calib --seq-len 128 --samples-per-shard 12 --max-samples 48
-[ -f $RUN/valid/metadata.json ] || gp make-shards --bundled valid --tokenizer $RUN/model --out $RUN/valid --seq-len 128 --samples-per-shard 12 --max-samples 24
+# the two shard sets side by side (2 cores; each run is mostly its imports)
+shards() { [ -f "$3/metadata.json" ] || gp make-shards --bundled "$1" --tokenizer $RUN/model --out "$3" --seq-len 128 --samples-per-shard 12 --max-samples "$2"; }
+shards train 48 $RUN/calib & calib=$!
+shards valid 24 $RUN/valid & valid=$!
+wait $calib
+wait $valid
 echo "== GradProbe: SparseGPT with the probe's veto and the guard, 2 ranks, FSDP2"
 bash launch/torchrun.sh prune --config "$CONFIG" --eval output_dir=$RUN/masks "$@" | tee $RUN/gradprobe.log
-SPARSITY=$(gp inspect $RUN/masks --json | python -c "import json,sys,math; r=json.load(sys.stdin); print(sum(x['pruned'] for x in r)/sum(math.prod(x['shape']) for x in r))")
+# the reached sparsity from the checkpoint's manifest (plain JSON: no torch import for one number)
+SPARSITY=$(python -c "import json,sys; l=json.load(open(sys.argv[1]))['layers'].values(); print(sum(e['pruned'] for e in l)/sum(e['numel'] for e in l))" $RUN/masks/manifest.json)
 echo "== Wanda alone at the same actual sparsity ($SPARSITY): target mode in Wanda's order, no veto, so no gradient pass"
+# the probe's 16 calibration samples per rank (4 x 4) in one forward: one FSDP all-gather instead of
+# four, the same activation norms, so the same masks (checked bit for bit)
 bash launch/torchrun.sh prune --config "$CONFIG" --quiet --eval-after prune.mode=target prune.veto=none \
-  prune.guard=false prune.sparsity="$SPARSITY" output_dir=$RUN/wanda | tee $RUN/wanda.log
+  prune.guard=false prune.sparsity="$SPARSITY" data.micro_batch_size=16 prune.num_batches=1 \
+  output_dir=$RUN/wanda | tee $RUN/wanda.log
 python - "$RUN" "$SPARSITY" <<'PY'
 import re, sys
 run, sparsity = sys.argv[1], float(sys.argv[2])
