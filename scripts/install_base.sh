@@ -11,7 +11,7 @@ python -m pip install -q --disable-pip-version-check torch==2.13.0 wheel setupto
 # 58 s), held to the torch pip chose: uv does not read pip's configuration, and unconstrained it
 # may swap that torch for another build
 PYTHON=$(python -c "import sys; print(sys.executable)")
-TORCH=$(python -c "import torch; print(torch.__version__)")
+TORCH=$(python -c "import importlib.metadata as m; print(m.version('torch'))")
 install() { python -m uv pip install -q --python "$PYTHON" --constraint <(echo "torch==$TORCH") "$@"; }
 # EXTRAS: the package extras to install (scripts/install.sh asks for the tests' and benchmarks' too)
 install -e ".[${EXTRAS:-hf}]"
