@@ -212,3 +212,15 @@ def test_two_ranks_eval_and_export_a_one_process_checkpoint(one_process_masks, t
                             "--out", tmp_path / "two.safetensors"))
     one_w, two_w = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
     assert one_w.keys() == two_w.keys() and all(torch.equal(one_w[k], two_w[k]) for k in one_w)
+
+
+def test_package_main_runs_the_cli_only_as_the_main_module(monkeypatch):
+    """A spawned worker (fetch-model converts the tokenizer in one) imports the parent's
+    ``__main__`` module as ``__mp_main__``: that import must not start a second CLI run."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["gradprobe", "--help"])
+    runpy.run_module("gradprobe_dist.__main__", run_name="__mp_main__")  # returns: no CLI
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("gradprobe_dist.__main__", run_name="__main__")
+    assert done.value.code == 0  # --help ran
