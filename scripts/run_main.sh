@@ -23,13 +23,15 @@ wait $calib
 wait $valid
 echo "== GradProbe: SparseGPT with the probe's veto and the guard, 2 ranks, FSDP2"
 bash launch/torchrun.sh prune --config "$CONFIG" --eval output_dir=$RUN/masks "$@" | tee $RUN/gradprobe.log
-# the reached sparsity from the checkpoint's manifest (plain JSON: no torch import for one number)
-SPARSITY=$(python -c "import json,sys; l=json.load(open(sys.argv[1]))['layers'].values(); print(sum(e['pruned'] for e in l)/sum(e['numel'] for e in l))" $RUN/masks/manifest.json)
+# from the GradProbe run's manifest (plain JSON, no torch import): the sparsity it reached and
+# the calibration samples per rank its probe read (micro-batch x batches, overrides included)
+read -r SPARSITY SAMPLES < <(python -c "import json,sys; m=json.load(open(sys.argv[1])); l=m['layers'].values(); c=m['config']
+print(sum(e['pruned'] for e in l)/sum(e['numel'] for e in l), c['data.micro_batch_size']*c['prune.num_batches'])" $RUN/masks/manifest.json)
 echo "== Wanda alone at the same actual sparsity ($SPARSITY): target mode in Wanda's order, no veto, so no gradient pass"
-# the probe's 16 calibration samples per rank (4 x 4) in one forward: one FSDP all-gather instead of
-# four, the same activation norms, so the same masks (checked bit for bit)
+# those samples in one forward: one FSDP all-gather instead of one per micro-batch, the same
+# activation norms, so the same masks (checked bit for bit against 4 micro-batches of 4)
 bash launch/torchrun.sh prune --config "$CONFIG" --quiet --eval-after prune.mode=target prune.veto=none \
-  prune.guard=false prune.sparsity="$SPARSITY" data.micro_batch_size=16 prune.num_batches=1 \
+  prune.guard=false prune.sparsity="$SPARSITY" data.micro_batch_size="$SAMPLES" prune.num_batches=1 \
   output_dir=$RUN/wanda | tee $RUN/wanda.log
 python - "$RUN" "$SPARSITY" <<'PY'
 import re, sys
