@@ -5,7 +5,9 @@
 # valid excerpt with its tokenizer, prune 50% on 2 CPU ranks (torchrun + FSDP2) with the
 # recommended settings (configs/smollm2-50.yaml: SparseGPT with the probe's veto and the
 # calibration-loss guard), prune with Wanda alone at the same 50%, and print the perplexities.
-# Rerunning resumes from the mask checkpoints (pass --restart to redo the GradProbe run).
+# Rerunning resumes the GradProbe run from its mask checkpoint (pass --restart to redo it); the
+# Wanda step, a one-forward reference, is redone every time, so it always matches the GradProbe
+# run's sparsity and calibration samples.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_base.sh
@@ -30,7 +32,7 @@ print(sum(e['pruned'] for e in l)/sum(e['numel'] for e in l), c['data.micro_batc
 echo "== Wanda alone at the same actual sparsity ($SPARSITY): target mode in Wanda's order, no veto, so no gradient pass"
 # those samples in one forward: one FSDP all-gather instead of one per micro-batch, the same
 # activation norms, so the same masks (checked bit for bit against 4 micro-batches of 4)
-bash launch/torchrun.sh prune --config "$CONFIG" --quiet --eval-after prune.mode=target prune.veto=none \
+bash launch/torchrun.sh prune --config "$CONFIG" --quiet --eval-after --restart prune.mode=target prune.veto=none \
   prune.guard=false prune.sparsity="$SPARSITY" data.micro_batch_size="$SAMPLES" prune.num_batches=1 \
   output_dir=$RUN/wanda | tee $RUN/wanda.log
 python - "$RUN" "$SPARSITY" <<'PY'
