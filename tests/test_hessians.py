@@ -1,7 +1,8 @@
 """Input Hessians: layers fed one tensor share a matrix; averaged over real gloo ranks, each
 matrix lives on one owner rank only (owners balanced by size), and ``fetch`` brings every
 rank the matrix one process gets from all the ranks' inputs; ``invert`` factors each matrix
-once, on its owner, into exactly what a sweep would compute from it."""
+once, on its owner, into exactly what a sweep would compute from it. Matrices are kept as
+their lower triangle, which factors exactly as the whole matrix."""
 import pytest
 import torch
 import torch.nn as nn
@@ -12,6 +13,7 @@ from gradprobe_dist.reconstruct.hessians import (Hessians, as_hessians, average_
                                                  collect_input_hessians)
 from gradprobe_dist.reconstruct import hessians as hessians_module
 from gradprobe_dist.reconstruct.obs import InverseFactor, accumulate_hessian, inverse_factor
+from gradprobe_dist.reconstruct.triangle import pack_lower, side, unpack_lower, unpack_symmetric
 from multiproc import run_ranks
 
 
@@ -80,7 +82,7 @@ def test_two_ranks_hold_each_matrix_once_and_fetch_the_global_mean():
     (held0, got0), (held1, got1) = (run_ranks(_ranked, 2)[r] for r in range(2))
     reference = average_over_ranks(_collect(Block(), _batches()), LocalBackend())
     total = reference.held_bytes()
-    assert total == 4 * (6 * 6 + 16 * 16 + 6 * 6)  # 3 matrices for 4 layers, each once
+    assert total == 4 * (21 + 136 + 21)  # 3 matrices for 4 layers, each once, as lower triangles
     assert held0 + held1 == total and 0 < held0 < total and 0 < held1 < total
     for name, H in zip(reference, reference.fetch(list(reference))):
         torch.testing.assert_close(got0[name], H, msg=lambda m: f"rank 0 {name}: {m}")
@@ -147,3 +149,33 @@ def test_invert_keeps_its_damping_and_a_factor_sweeps_as_its_matrix():
     assert torch.equal(from_matrix, from_factor) and torch.equal(mask_m, mask_f) and mask_m.any()
     with pytest.raises(ValueError, match="inverted with percdamp=0.01"):
         sparsegpt_layers([W], [factor], 0.5, blocksize=4, percdamp=0.1)
+
+
+def test_a_packed_triangle_rebuilds_its_matrix_and_factors_bit_exactly():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 9, generator=g)
+    H = 2 * X.T @ X / 40
+    H = H + torch.triu(torch.randn(9, 9, generator=g) * 1e-6, 1)  # an upper triangle a gemm rounded apart
+    packed = pack_lower(H)
+    assert packed.shape == (45,) and side(packed) == 9
+    assert torch.equal(unpack_lower(packed), H.tril())
+    rebuilt = unpack_symmetric(packed)
+    assert torch.equal(rebuilt, rebuilt.T) and torch.equal(rebuilt.tril(), H.tril())
+    # Cholesky reads the lower triangle only: the factor is the whole matrix's, bit for bit
+    assert torch.equal(inverse_factor(rebuilt, 0.01).lower, inverse_factor(H, 0.01).lower)
+    with pytest.raises(ValueError, match="n\\(n\\+1\\)/2"):
+        side(torch.zeros(44))
+
+
+def test_packed_accumulation_keeps_the_lower_triangle_of_the_running_mean():
+    batches = _batches()
+    whole, packed, seen_w, seen_p = torch.zeros(6, 6), torch.zeros(21), 0, 0
+    for x in batches:
+        seen_w = accumulate_hessian(whole, x, seen_w)
+        seen_p = accumulate_hessian(packed, x, seen_p)
+    assert seen_w == seen_p == 32
+    torch.testing.assert_close(unpack_symmetric(packed), whole)
+    local = _collect(Block(), batches)
+    assert local["up"][0].shape == (21,) and local["out"][0].shape == (136,)  # what a rank holds
+    with pytest.raises(ValueError, match="does not fit"):
+        accumulate_hessian(torch.zeros(20), batches[0], 0)

@@ -20,6 +20,7 @@ from gradprobe_dist import Allocation, MagnitudePruning, PruningStrategy, Random
 from gradprobe_dist.probe.decision import lowest_in_groups
 from gradprobe_dist.probe.params import find_prunable
 from gradprobe_dist.reconstruct.hessians import collect_input_hessians
+from gradprobe_dist.reconstruct.triangle import unpack_symmetric
 from gradprobe_dist.reconstruct.obs import reconstruct_with_mask
 from gradprobe_dist.reconstruct.pruner import SparseGPT
 from gradprobe_dist.strategies import SelectionContext
@@ -50,7 +51,7 @@ def calibrate(model: nn.Module, batches: list, seed: int) -> Calibration:
     owners = find_prunable(model)
     with collect_input_sq_norms(owners) as norms, collect_input_hessians(owners) as hessians:
         forward_all(model, batches)
-    return Calibration(seed, batches, norms, {name: h for name, (h, _) in hessians.items()})
+    return Calibration(seed, batches, norms, {name: unpack_symmetric(h) for name, (h, _) in hessians.items()})
 
 
 def forward_all(model: nn.Module, batches: list) -> None:

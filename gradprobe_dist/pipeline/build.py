@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from gradprobe_dist.pipeline.config import ModelConfig
 from gradprobe_dist.models import SimpleMLP, TinyGPT, TinyGPTConfig
+from gradprobe_dist.models.causal_lm_loss import use_causal_lm_loss
 from gradprobe_dist.models.checkpointing import checkpoint_activations
 from gradprobe_dist.parallel.loading import WeightReader, parameters_on_meta
 from gradprobe_dist.probe.params import find_prunable
@@ -27,9 +28,7 @@ def build_model(cfg: ModelConfig, backend=None) -> nn.Module:
         _check_hf_dir(cfg.path)
     reader = checkpoint_reader(cfg)
     if reader is not None and callable(getattr(backend, "load_sharded", None)):
-        model = build_skeleton(cfg, reader)
-        if cfg.gradient_checkpointing:
-            checkpoint_activations(model)
+        model = _hf_options(build_skeleton(cfg, reader), cfg)
         names = list(find_prunable(model, cfg.include, cfg.exclude, cfg.extra_prunable))
         backend.load_sharded(model, names, reader)
         return model
@@ -37,14 +36,21 @@ def build_model(cfg: ModelConfig, backend=None) -> nn.Module:
     if cfg.kind == "hf":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, **cfg.options)
-        if cfg.gradient_checkpointing:
-            checkpoint_activations(model)
-        return model
+        return _hf_options(AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype, **cfg.options), cfg)
     model = _built_in(cfg)
     if cfg.path:
         load_weights(model, cfg.path)
     return model.to(dtype)
+
+
+def _hf_options(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """``model.gradient_checkpointing`` and ``model.blockwise_loss`` (each a no-op unless set;
+    the loss only where transformers' own causal-LM loss would run)."""
+    if cfg.gradient_checkpointing:
+        checkpoint_activations(model)
+    if cfg.blockwise_loss:
+        use_causal_lm_loss(model)
+    return model
 
 
 def build_skeleton(cfg: ModelConfig, reader: WeightReader | None = None) -> nn.Module:

@@ -49,6 +49,10 @@ class ModelConfig:
     #: hf: recompute each decoder layer's activations in the backward instead of keeping
     #: them (less memory for longer sequences, one more forward per layer; same masks)
     gradient_checkpointing: bool = False
+    #: hf causal LMs: the cross-entropy a block of rows at a time in float32, keeping no
+    #: float32 copy of the logits (``models/causal_lm_loss.py``); false: transformers' own
+    #: loss. The same loss up to float rounding, less memory
+    blockwise_loss: bool = True
     #: precision of the weights (and so of forward/backward): auto = the checkpoint's own
     #: (float32 for a model built without weights); the gradient statistic stays
     #: prune.stat_dtype (float32 by default; max_abs of 16-bit gradients is exact in their own
@@ -297,10 +301,11 @@ class RunConfig:
 
     def _model_fields(self) -> dict[str, Any]:
         """``model.*`` as the masks see it: random_init is implied by an empty path,
-        gradient_checkpointing changes memory, not masks, and an unset extra_prunable is left
-        out so that checkpoints made before it existed resume."""
+        gradient_checkpointing and blockwise_loss change memory, not masks (beyond float
+        rounding), and an unset extra_prunable is left out so that checkpoints made before it
+        existed resume."""
         fields = dataclasses.asdict(self.model)
-        del fields["random_init"], fields["gradient_checkpointing"]
+        del fields["random_init"], fields["gradient_checkpointing"], fields["blockwise_loss"]
         if not fields["extra_prunable"]:
             del fields["extra_prunable"]
         if fields["dtype"] == "auto":  # the checkpoint's own, as before model.dtype existed

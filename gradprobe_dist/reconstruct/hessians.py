@@ -3,12 +3,13 @@ over ranks, and then held whole by one *owner* rank per matrix.
 
 SparseGPT and the OBS update need a layer's whole ``[in, in]`` H on every rank that sweeps
 its rows, but only while that layer is swept; a rank keeping every matrix would hold all
-of a stage's Hessians at once (about 400 MiB for SmolLM2-135M, 32 GB for a LLaMA-8B) on
-every rank. So the averaging sums each matrix onto its owner (owners balanced by size) and
+of a stage's Hessians at once (about 400 MiB for SmolLM2-135M, 32 GB for a LLaMA-8B, as
+whole matrices; half that packed) on every rank. So the averaging sums each matrix onto its owner (owners balanced by size) and
 the others drop their copy; the sweeps ``fetch`` a few at a time, broadcast from the owners.
 A sweep needs only each matrix's damped inverse factor (``obs.inverse_factor``), so
 ``invert`` has each owner replace its matrices by theirs, once, the ranks in parallel,
 rather than every rank factoring every matrix in every sweep (the guard sweeps twice).
+Both are kept and sent as their lower triangle (``triangle``): half the memory and traffic.
 """
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ import torch.nn as nn
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.probe.params import transposed_linear_types
 from gradprobe_dist.reconstruct.obs import InverseFactor, accumulate_hessian, inverse_factor
+from gradprobe_dist.reconstruct.triangle import pack_lower, packed_size, side, unpack_lower, unpack_symmetric
 
 
 @contextmanager
 def collect_input_hessians(owners: dict[str, nn.Module]):
     """Yield name -> [H, n_seen] running means of 2 x x^T for every Linear layer in ``owners``
-    (``nn.Linear`` and GPT-2's transposed ``Conv1D``, whose input is ``[..., in]`` too).
+    (``nn.Linear`` and GPT-2's transposed ``Conv1D``, whose input is ``[..., in]`` too), each
+    H packed as its lower triangle (``triangle.unpack_symmetric`` gives the matrix).
 
     Layers fed the very same input tensor (a LLaMA block's q/k/v, its gate/up) share one
     entry, folded once: the same matrices, at 4 instead of 7 per block."""
@@ -40,7 +43,7 @@ def collect_input_hessians(owners: dict[str, nn.Module]):
                 return  # another layer already folded this very input into the shared entry
             x = inputs[0].detach().float()
             if name not in hessians:
-                hessians[name] = [torch.zeros(x.shape[-1], x.shape[-1], device=x.device), 0]
+                hessians[name] = [torch.zeros(packed_size(x.shape[-1]), device=x.device), 0]
             entry = hessians[name]
             entry[1] = accumulate_hessian(entry[0], x, entry[1])
             last["input"], last["entry"] = inputs[0], entry
@@ -72,12 +75,14 @@ class Hessians:
     """Layer name -> its H (averaged over ranks), each matrix held by its owner rank only.
 
     Names sharing a matrix (one input tensor) share one entry. ``fetch`` is the only way to
-    read a matrix: a collective that brings it from its owner to every rank."""
+    read a matrix: a collective that brings it from its owner to every rank. Held: a packed
+    H (1-D), a caller's whole matrix (``replicated``), or after ``invert`` the packed factor
+    and its dead inputs."""
 
     def __init__(self, keys: dict[str, int], held: dict[int, torch.Tensor], owners: list[int | None],
                  shapes: list[torch.Size], backend: Backend | None):
         self._keys, self._shapes = keys, shapes
-        self._held: dict[int, torch.Tensor | InverseFactor] = dict(held)
+        self._held: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = dict(held)
         self._owners, self._backend = owners, backend
         self._percdamp: float | None = None  # set once ``invert`` has run
 
@@ -99,7 +104,7 @@ class Hessians:
 
     def held_bytes(self) -> int:
         """What this rank holds, in bytes."""
-        tensors = [t for h in self._held.values() for t in ((h.lower, h.dead) if isinstance(h, InverseFactor) else (h,))]
+        tensors = [t for h in self._held.values() for t in (h if isinstance(h, tuple) else (h,))]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def invert(self, percdamp: float) -> None:
@@ -115,11 +120,13 @@ class Hessians:
             return
         failed = 0
         for key in sorted(self._held):
+            held = self._held[key]
             try:
-                self._held[key] = inverse_factor(self._held[key], percdamp)
+                factor = inverse_factor(unpack_symmetric(held) if held.dim() == 1 else held, percdamp)
             except ValueError:
                 failed = 1
                 break
+            self._held[key] = (pack_lower(factor.lower), factor.dead)
         backend = self._backend
         if backend is not None and backend.world_size > 1:
             failed = int(backend.all_reduce(torch.tensor([failed], device=backend.device), "max").item())
@@ -130,9 +137,9 @@ class Hessians:
         self._percdamp = percdamp
 
     def fetch(self, names: list[str]) -> list[torch.Tensor | InverseFactor]:
-        """The matrices of ``names`` on every rank (read-only: the owner's own tensor), or
-        their ``InverseFactor`` once ``invert`` has run. A collective: every rank passes the
-        same names in the same order."""
+        """The matrices of ``names`` on every rank (read-only), or their ``InverseFactor``
+        once ``invert`` has run. A collective: every rank passes the same names in the same
+        order."""
         brought: dict[int, torch.Tensor] = {}
         for name in names:
             key = self._keys[name]
@@ -143,17 +150,25 @@ class Hessians:
     def _bring(self, key: int) -> torch.Tensor | InverseFactor:
         owner, backend = self._owners[key], self._backend
         if owner is None or backend is None or backend.world_size == 1:
-            return self._held[key]
-        mine, held, shape = backend.rank == owner, self._held.get(key), self._shapes[key]
+            return self._whole(self._held[key])
+        mine, held, n = backend.rank == owner, self._held.get(key), self._shapes[key][0]
 
-        def from_owner(tensor, dtype=torch.float32, size=shape):
+        def from_owner(tensor, dtype=torch.float32, size=(packed_size(n),)):
             return backend.broadcast(tensor if mine else torch.empty(size, dtype=dtype, device=backend.device),
                                      src=owner)
 
         if self._percdamp is None:
-            return from_owner(held)
-        dead = from_owner(held.dead.to(torch.uint8) if mine else None, torch.uint8, shape[:1])  # not every backend sends bool
-        return InverseFactor(from_owner(held.lower if mine else None), dead.bool(), self._percdamp)
+            return self._whole(from_owner(held))
+        lower, dead = held if mine else (None, None)
+        dead = from_owner(dead.to(torch.uint8) if mine else None, torch.uint8, (n,))  # not every backend sends bool
+        return self._whole((from_owner(lower), dead.bool()))
+
+    def _whole(self, held: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | InverseFactor:
+        """What ``fetch`` gives for a held (or received) entry."""
+        if isinstance(held, tuple):
+            lower, dead = held
+            return InverseFactor(unpack_lower(lower), dead, self._percdamp)
+        return unpack_symmetric(held) if held.dim() == 1 else held
 
 
 def as_hessians(hessians: Hessians | Mapping[str, torch.Tensor]) -> Hessians:
@@ -174,7 +189,7 @@ def average_over_ranks(local: dict[str, list], backend: Backend) -> Hessians:
             entries.append(local[name])
     seen = torch.tensor([float(n) for _, n in entries], dtype=torch.float64)
     totals = backend.sum_over_ranks(seen.to(backend.device)).tolist()
-    shapes = [H.shape for H, _ in entries]
+    shapes = [torch.Size([side(H)] * 2) for H, _ in entries]
     owners = balanced_owners([shape.numel() for shape in shapes], backend.world_size)
     held = {}
     for key, (entry, total, owner) in enumerate(zip(entries, totals, owners)):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from gradprobe_dist.probe.validation import is_int
+from gradprobe_dist.reconstruct.triangle import pack_lower, packed_size
 
 #: columns whose errors go one by one into each other (see ``obs_block``)
 STEP = 16
@@ -32,15 +33,21 @@ def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> int:
     ``H`` holds the running mean of ``2 x x^T`` over every input row seen so far (each token
     of a sequence is a row), so batches of any size add up to the same matrix. Its scale
     does not change what SparseGPT prunes; the mean keeps float32 sums well-conditioned.
+    ``H`` is the whole ``[in, in]`` matrix, or its lower triangle packed (``triangle``).
     """
-    if H.dim() != 2 or H.shape[0] != H.shape[1] or H.shape[0] != x.shape[-1]:
-        raise ValueError(f"H of shape {list(H.shape)} does not fit inputs with {x.shape[-1]} "
+    features = x.shape[-1]
+    packed = H.dim() == 1
+    if (H.numel() != packed_size(features)) if packed else (H.dim() != 2 or H.shape != (features, features)):
+        raise ValueError(f"H of shape {list(H.shape)} does not fit inputs with {features} "
                          "features: start from torch.zeros(in_features, in_features)")
-    rows = x.reshape(-1, x.shape[-1]).to(H.dtype)
+    rows = x.reshape(-1, features).to(H.dtype)
     total = n_seen + rows.shape[0]
     if total == 0:
         return 0
-    H.mul_(n_seen / total).addmm_(rows.T, rows, alpha=2.0 / total)
+    if packed:
+        H.mul_(n_seen / total).add_(pack_lower(rows.T @ rows), alpha=2.0 / total)
+    else:
+        H.mul_(n_seen / total).addmm_(rows.T, rows, alpha=2.0 / total)
     return total
 
 
