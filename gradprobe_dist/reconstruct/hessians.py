@@ -4,12 +4,13 @@ over ranks, and then held whole by one *owner* rank per matrix.
 SparseGPT and the OBS update need a layer's whole ``[in, in]`` H on every rank that sweeps
 its rows, but only while that layer is swept; a rank keeping every matrix would hold all
 of a stage's Hessians at once (about 400 MiB for SmolLM2-135M, 32 GB for a LLaMA-8B, as
-whole matrices; half that packed) on every rank. So the averaging sums each matrix onto its owner (owners balanced by size) and
-the others drop their copy; the sweeps ``fetch`` a few at a time, broadcast from the owners.
-A sweep needs only each matrix's damped inverse factor (``obs.inverse_factor``), so
-``invert`` has each owner replace its matrices by theirs, once, the ranks in parallel,
-rather than every rank factoring every matrix in every sweep (the guard sweeps twice).
-Both are kept and sent as their lower triangle (``triangle``): half the memory and traffic.
+whole matrices) on every rank. So the averaging sums each matrix onto its owner (owners
+balanced by size) and the others drop their copy; the sweeps ``fetch`` a few at a time,
+broadcast from the owners. A sweep needs only each matrix's damped inverse factor
+(``obs.inverse_factor``), so ``invert`` has each owner replace its matrices by theirs,
+once, the ranks in parallel, rather than every rank factoring every matrix in every sweep
+(the guard sweeps twice). Both are kept and sent as their lower triangle (``triangle``):
+half the memory and traffic.
 """
 from __future__ import annotations
 
