@@ -141,7 +141,7 @@ def test_mask_fields_name_config_keys_and_only_mask_changing_settings_change_the
     assert {"prune.sparsity", "prune.strategy", "data.shards", "data.micro_batch_size", "seed",
             "model"} <= set(base.mask_fields())
     for same in (["parallel=fsdp"], ["output_dir=elsewhere"], ["data.eval_batches=2"], ["device=cpu"],
-                 ["prune.thresholds=[0.3]"]):
+                 ["prune.thresholds=[0.3]"], ["model.blockwise_loss=false"]):
         assert config_hash(load_config(None, same).mask_fields()) == config_hash(base.mask_fields()), same
     for changed in (["prune.sparsity=0.6"], ["prune.stage_size=2"], ["model.options={n_layer: 2}"],
                     ["data.micro_batch_size=4"], ["seed=1"], ["prune.strategy=wanda"]):

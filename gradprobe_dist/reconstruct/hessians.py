@@ -123,7 +123,7 @@ class Hessians:
         for key in sorted(self._held):
             held = self._held[key]
             try:
-                factor = inverse_factor(unpack_symmetric(held) if held.dim() == 1 else held, percdamp)
+                factor = inverse_factor(self._whole(held), percdamp)
             except ValueError:
                 failed = 1
                 break

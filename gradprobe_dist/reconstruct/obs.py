@@ -37,7 +37,7 @@ def accumulate_hessian(H: torch.Tensor, x: torch.Tensor, n_seen: int) -> int:
     """
     features = x.shape[-1]
     packed = H.dim() == 1
-    if (H.numel() != packed_size(features)) if packed else (H.dim() != 2 or H.shape != (features, features)):
+    if H.shape != ((packed_size(features),) if packed else (features, features)):
         raise ValueError(f"H of shape {list(H.shape)} does not fit inputs with {features} "
                          "features: start from torch.zeros(in_features, in_features)")
     rows = x.reshape(-1, features).to(H.dtype)
