@@ -84,8 +84,9 @@ def _rank(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
     for overrides in runs:
         gc.collect()
         return_freed_memory()
-        results.append({"rss_before_bytes": current_rss_bytes(), "peak_reset": reset_peak_rss(),
-                        **_one_run(overrides)})
+        # the peak so far is read before the counter restarts, or the process's peak would be lost
+        results.append({"rss_before_bytes": current_rss_bytes(), "peak_before_bytes": peak_rss_bytes(),
+                        "peak_reset": reset_peak_rss(), **_one_run(overrides)})
         if rank == 0:  # progress while the launch runs
             print(f"# [rank 0] done: {overrides[1].rsplit('/', 1)[-1]} {overrides[-4]} {overrides[-3]}: probe "
                   f"{results[-1]['probe_s']:.1f} s", flush=True)
@@ -164,7 +165,8 @@ def run_group(parallel: str, world: int, specs: list[tuple[str, int]], args, wor
         print(f"# {size} {parallel} x{world}, {stages} stage(s): probe {row['probe_s']:.2f} s, floor "
               f"{row['floor_s']:.2f} s, ratio {row['probe_over_floor']:.3f}, peak RSS "
               f"{max(row['peak_rss_mib_per_rank']):.0f} MiB/rank", flush=True)
-    rows_exit = [r.peak_rss_bytes / MIB for r in ranks]
+    # the whole process: its last window (read at exit) and every window before a restart
+    rows_exit = [max([r.peak_rss_bytes] + [v["peak_before_bytes"] for v in r.value]) / MIB for r in ranks]
     for row in rows:
         row["process_peak_rss_mib_per_rank"] = rows_exit
     return rows
