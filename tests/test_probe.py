@@ -220,3 +220,41 @@ def test_dict_batches_use_the_models_own_loss_and_compute_loss_hook():
     assert len(calls) == 4
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert "lm_head.weight" not in a and "tok_emb.weight" not in a  # head and embeddings excluded
+
+
+def test_the_candidate_masks_wait_packed_while_the_reduced_pass_runs(monkeypatch):
+    """During the reduced pass no record holds its bool candidate mask (one byte per weight);
+    afterwards each holds exactly the strategy's selection again."""
+    from gradprobe_dist.probe import engine as engine_module
+    from gradprobe_dist.probe.tentative import select_tentative
+
+    torch.manual_seed(1)
+    model = SimpleMLP(20, [32, 16], 4)
+    probe = GradProbe(model, MagnitudePruning())
+    selected, held_during_reduced = {}, []
+
+    def spy_select(*args, **kwargs):
+        masks, context, sparsities = select_tentative(*args, **kwargs)
+        selected.update({n: m.clone() for n, m in masks.items()})
+        return masks, context, sparsities
+
+    real_pass, real_scale = engine_module.ProbeEngine.gradient_pass, engine_module.ProbeEngine._scale_selected
+    records = {}
+
+    def spy_scale(self, *args):
+        records.update(real_scale(self, *args))
+        return records
+
+    def spy_pass(self, batches, loss_of, label, *args, **kwargs):
+        if label == "reduced":
+            held_during_reduced.extend(layer.tentative for layer in records.values())
+        return real_pass(self, batches, loss_of, label, *args, **kwargs)
+
+    monkeypatch.setattr("gradprobe_dist.probe.gradprobe.select_tentative", spy_select)
+    monkeypatch.setattr(engine_module.ProbeEngine, "gradient_pass", spy_pass)
+    monkeypatch.setattr(engine_module.ProbeEngine, "_scale_selected", spy_scale)
+    record = probe.probe(DataLoader(_data(), batch_size=32), nn.CrossEntropyLoss(), 0.6, 4, 0.1)
+    assert len(held_during_reduced) == len(record.layers) and all(t is None for t in held_during_reduced)
+    assert set(selected) == set(record.layers)
+    for name, layer in record.layers.items():
+        assert layer.tentative.dtype == torch.bool and torch.equal(layer.tentative, selected[name])

@@ -85,3 +85,58 @@ def test_bad_options_name_the_problem(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradProbe(_model(), WandaPruning()).prune(_data(), nn.CrossEntropyLoss(), 0.5, 4,
                                                   mode="sparsegpt", **kwargs)
+
+
+def test_fraction_veto_scores_one_gather_group_at_a_time(monkeypatch):
+    """Each selection call gets one group's scores (at most the gather limit of candidates,
+    or one larger layer alone), and the vetoes are those of one call over every layer."""
+    import functools
+
+    from gradprobe_dist.parallel import select
+    from gradprobe_dist.probe import veto
+
+    _, record = _record(_model())
+    backend = GradProbe(_model(), WandaPruning()).backend
+    whole = probe_vetoes(backend, record, fraction=0.25)
+    limit = 500  # candidates per layer here: 576, 384, 72
+    monkeypatch.setattr(veto, "selection_groups", functools.partial(select.selection_groups, gather_limit=limit))
+    calls = []
+    select_each = backend.select_smallest_each
+    monkeypatch.setattr(backend, "select_smallest_each",
+                        lambda scores, ks: calls.append([s.numel() for s in scores]) or select_each(scores, ks))
+    grouped = probe_vetoes(backend, record, fraction=0.25)
+    assert calls == [[384, 72], [576]]  # the groups under the limit, then the larger layer
+    assert all(sum(c) <= limit or len(c) == 1 for c in calls)
+    assert list(grouped) == list(whole)
+    for name in whole:
+        assert torch.equal(grouped[name], whole[name])
+
+
+def test_sparsegpt_lets_each_veto_go_once_its_layer_is_pruned(monkeypatch):
+    import weakref
+
+    from gradprobe_dist.reconstruct import layers as layer_sweep
+
+    probe, record = _record(_model())
+    monkeypatch.setattr(layer_sweep, "LAYERS_AT_ONCE", 1)
+    names = sorted(record.layers)
+    refs = []
+
+    def vetoes():
+        made = probe_vetoes(probe.backend, record, fraction=0.25)
+        refs[:] = [weakref.ref(made[n]) for n in names]
+        return made
+
+    alive_at_call = []
+    sweep = layer_sweep.sparsegpt_layers
+    monkeypatch.setattr(layer_sweep, "sparsegpt_layers",
+                        lambda *a, **k: alive_at_call.append([r() is not None for r in refs]) or sweep(*a, **k))
+    kept = vetoes()
+    layer_sweep.sparsegpt_masks(probe.backend, record.hessians, 0.5, vetoes=kept)
+    assert set(kept) == set(names) and all(r() is not None for r in refs)  # the caller's dict untouched
+    del kept
+    alive_at_call.clear()
+    layer_sweep.sparsegpt_masks(probe.backend, record.hessians, 0.5, vetoes=vetoes())
+    # no one else holds them: the i-th layer's sweep runs after the earlier layers' vetoes are gone
+    assert alive_at_call == [[j >= i for j in range(len(names))] for i in range(len(names))]
+    assert all(r() is None for r in refs)

@@ -204,3 +204,10 @@ def test_gather_chunks_pack_groups_in_order_up_to_the_limit():
     assert _gather_chunks([10, 10, 10], 20) == ([[0, 1], [2]], [])
     assert _gather_chunks([5, 5], 0) == ([], [0, 1])
     assert _gather_chunks([], 40) == ([], [])
+
+
+def test_selection_groups_are_the_gather_chunks_then_each_larger_tensor_alone():
+    from gradprobe_dist.parallel.select import selection_groups
+
+    assert selection_groups([35, 3, 0, 2, 52, 1, 41], 40) == [[0, 1, 2, 3], [5], [4], [6]]
+    assert selection_groups([]) == []

@@ -439,3 +439,40 @@ def test_pipeline_guard_scores_the_held_out_batches_after_the_probes(tmp_path, m
     with pytest.raises(ValueError, match=r"prune.num_batches=4 \+ prune.guard_batches=40: lower either"):
         job_for(short).run()
     assert not (tmp_path / "short").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("mode", ["sparsegpt", "threshold"])
+def test_the_guard_scores_with_both_decisions_masks_packed_and_returns_bool_masks(monkeypatch, mode):
+    """While the guard's batches run, each decision's masks wait at one bit per weight and no
+    bool copy is left on the probe; the kept masks come back as the same bool masks."""
+    from gradprobe_dist.probe import gradprobe as gradprobe_module
+
+    seen = []
+    real_guarded = gradprobe_module.guarded
+
+    def spying_guarded(engine, names, batches, loss_of, decide, reapply, **kwargs):
+        decisions = []
+        losses = engine.calibration_losses
+
+        def scoring(*args):
+            seen.append((probe.masks, [(m[0].dtype, m[0].numel() == -(-m[1].numel() // 8))
+                                       for d in decisions for m in d.masks.values()]))
+            return losses(*args)
+
+        monkeypatch.setattr(engine, "calibration_losses", scoring)
+        return real_guarded(engine, names, batches, loss_of, lambda veto: decisions.append(decide(veto)) or decisions[-1],
+                            reapply, **kwargs)
+
+    monkeypatch.setattr(gradprobe_module, "guarded", spying_guarded)
+    probe = GradProbe(_model(), WandaPruning())
+    record = probe.probe(_data(), LOSS, 0.5, 4, 0.1, oversample=1.0 if mode == "threshold" else 1.5, hessians=True)
+    masks = probe.decide_guarded(record, 0.5, HELD_OUT, LOSS, mode=mode, veto_fraction=0.3)
+    # bit-packed: uint8, one byte per eight weights
+    assert len(seen) == 2 and all(held == {} and kinds and set(kinds) == {(torch.uint8, True)} for held, kinds in seen)
+    kept_veto = probe.guard_report["kept"] != "strategy"
+    reference = GradProbe(_model(), WandaPruning())
+    again = reference.probe(_data(), LOSS, 0.5, 4, 0.1, oversample=1.0 if mode == "threshold" else 1.5, hessians=True)
+    expected = reference.decide(again, 0.5, mode=mode, veto_fraction=0.3, veto=kept_veto)
+    assert probe.masks is masks and set(masks) == set(expected)
+    for name in expected:
+        assert masks[name].dtype == torch.bool and torch.equal(masks[name], expected[name])

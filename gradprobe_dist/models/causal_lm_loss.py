@@ -15,8 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-#: float32 elements of logits handled at once (32 MiB)
-BLOCK_ELEMENTS = 1 << 23
+#: float32 elements of logits handled at once (4 MiB): smaller blocks were also faster here
+#: (SmolLM2's 512 x 49,152 logits, forward+backward on one CPU thread: 220 ms at 4 MiB, 321
+#: ms at 32 MiB in float32; 188 against 296 ms in bfloat16)
+BLOCK_ELEMENTS = 1 << 20
 
 
 class _CrossEntropyByBlocks(torch.autograd.Function):

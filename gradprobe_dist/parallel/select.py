@@ -205,6 +205,14 @@ def _gather_chunks(group_totals: list[int], gather_limit: int) -> tuple[list[lis
     return chunks, large
 
 
+def selection_groups(totals: Sequence[int], gather_limit: int = GATHER_LIMIT) -> list[list[int]]:
+    """Indices of tensors with ``totals`` values over all ranks, grouped as
+    ``select_smallest_each`` gathers them (each larger one alone): a caller that makes its
+    scores group by group, one call each, holds one group's scores at a time."""
+    chunks, large = _gather_chunks(list(totals), gather_limit)
+    return chunks + [[i] for i in large]
+
+
 def _select(scores: list[torch.Tensor], owner: list[int], ks: list[int], labels: list[str],
             collectives, gather_limit: int) -> list[torch.Tensor]:
     """Groups of at most ``gather_limit`` values over all ranks are gathered, as many groups

@@ -225,7 +225,7 @@ class LibraryRounds:
         ratios = decided_ratios(record, before)
         for name, mask in masks.items():
             store.save_layer(name, mask, round_stats(counts[name], row["seconds"] / len(masks), round_.number),
-                             {RATIO_KEY: ratios[name]}, keep={RATIO_KEY: without_nan})
+                             {RATIO_KEY: ratios[name]()}, keep={RATIO_KEY: without_nan})
         if self.settings["finetune"]:
             store.on_main(lambda ckpt: atomic_write(ckpt.directory / WEIGHTS_FILE, _weights_bytes(self.probe.model)))
         on_main(self.backend, lambda: self._finish(round_.number, row))

@@ -27,6 +27,7 @@ import torch
 from gradprobe_dist.checkpoint.format import CARRIED_KEY, RATIO_KEY
 from gradprobe_dist.checkpoint.store import MaskCheckpoint
 from gradprobe_dist.probe.decision import ProbeRecord
+from gradprobe_dist.probe.record import LayerProbe
 from gradprobe_dist.runtime.log import get_logger
 from gradprobe_dist.probe.validation import check_threshold
 
@@ -36,15 +37,17 @@ DEFAULT_THRESHOLDS = [i / 100 for i in range(101)]
 LAYERS_PER_PAGE = 16
 
 
+def ratio_tensor(layer: LayerProbe) -> torch.Tensor:
+    """One weight's new/old (float32) in its local shape, NaN where it was not tentatively
+    selected: gatherable with ``backend.gather_full`` under any backend."""
+    ratio = layer.ratio()
+    return torch.full(layer.tentative.shape, float("nan"), device=ratio.device).masked_scatter_(
+        layer.tentative.to(ratio.device), ratio)
+
+
 def ratio_tensors(record: ProbeRecord) -> dict[str, torch.Tensor]:
-    """Per weight, new/old (float32) in the weight's local shape, NaN where the weight was not
-    tentatively selected: gatherable with ``backend.gather_full`` under any backend."""
-    ratios = {}
-    for name, layer in record.layers.items():
-        ratio = layer.ratio()
-        full = torch.full(layer.tentative.shape, float("nan"), device=ratio.device)
-        ratios[name] = full.masked_scatter_(layer.tentative.to(ratio.device), ratio)
-    return ratios
+    """``ratio_tensor`` of every probed weight (all at once: four bytes per weight)."""
+    return {name: ratio_tensor(layer) for name, layer in record.layers.items()}
 
 
 def threshold_curve(ratios: Mapping[str, torch.Tensor], total: int, thresholds: Sequence[float],

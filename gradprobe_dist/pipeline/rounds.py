@@ -26,7 +26,9 @@ plus ``round``, each layer's stats from ``round_stats``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,9 +37,9 @@ import torch
 from gradprobe_dist.checkpoint.format import CARRIED_KEY, ROUND_KEY
 from gradprobe_dist.checkpoint.relay import RankZeroCheckpoint
 from gradprobe_dist.parallel.base import Backend
-from gradprobe_dist.pipeline.plots import ratio_tensors
+from gradprobe_dist.pipeline.plots import ratio_tensor
 from gradprobe_dist.probe.decision import candidates_first
-from gradprobe_dist.probe.record import ProbeRecord, prune_decision
+from gradprobe_dist.probe.record import LayerProbe, ProbeRecord, prune_decision
 from gradprobe_dist.probe.target import StrategyOrder, in_strategy_order
 from gradprobe_dist.probe.validation import is_int, is_number
 from gradprobe_dist.runtime.log import get_logger
@@ -135,10 +137,18 @@ def round_stats(counts: dict[str, int], seconds: float, number: int | None) -> d
     return stats
 
 
-def decided_ratios(record: ProbeRecord, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Gradient ratios of the weights this round decided about (NaN elsewhere, carried
-    weights included), for plots: local parts, gathered by the checkpoint store."""
-    return {n: r.masked_fill(before[n].to(r.device), float("nan")) for n, r in ratio_tensors(record).items()}
+def decided_ratios(record: ProbeRecord, before: dict[str, torch.Tensor]
+                   ) -> dict[str, Callable[[], torch.Tensor]]:
+    """Per weight, a call that makes its gradient ratios of the weights this round decided
+    about (NaN elsewhere, carried weights included), for plots: a local part, gathered by the
+    checkpoint store. Made as each layer is saved, never all at once: at four bytes per
+    weight, all of them at once were the whole job's peak memory in bfloat16."""
+    return {n: partial(_decided_ratio, layer, before[n]) for n, layer in record.layers.items()}
+
+
+def _decided_ratio(layer: LayerProbe, before: torch.Tensor) -> torch.Tensor:
+    ratio = ratio_tensor(layer)
+    return ratio.masked_fill_(before.to(ratio.device), float("nan"))
 
 
 def without_nan(ratio: torch.Tensor) -> torch.Tensor:

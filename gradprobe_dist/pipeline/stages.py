@@ -26,6 +26,7 @@ from gradprobe_dist.pipeline.rounds import (Round, decided_ratios, layer_counts,
 from gradprobe_dist.probe.batches import is_lm_batch
 from gradprobe_dist.probe.gradprobe import GradProbe
 from gradprobe_dist.probe.prefix import block_list
+from gradprobe_dist.probe.record import ProbeRecord
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.pipeline.config import PruneConfig
 from gradprobe_dist.reconstruct.pruner import SparseGPT
@@ -134,7 +135,7 @@ class StageLoop:
                 continue
             stats = {**round_stats(counts[name], seconds, round_.number if round_.count > 1 else None),
                      STAGE_KEY: index}
-            tensors = {RATIO_KEY: ratios[name]} if name in ratios else {}
+            tensors = {RATIO_KEY: ratios[name]()} if name in ratios else {}
             if name in updated:
                 tensors[UPDATED_WEIGHT_KEY] = updated[name]
             store.save_layer(name, masks[name], stats, tensors, keep={RATIO_KEY: without_nan})
@@ -148,14 +149,14 @@ class StageLoop:
 
     def probe_stage(self, stage: list[str], before: dict[str, torch.Tensor], round_: Round
                     ) -> tuple[dict, dict, dict]:
-        """GradProbe on one stage: its local masks, per-layer counts and gradient ratios."""
+        """GradProbe on one stage: its local masks, per-layer counts and, per layer, a call that
+        makes its gradient ratios (``decided_ratios``)."""
         job, cfg, backend = self.job, self.job.cfg.prune, self.job.backend
         probe = self.gradprobe(stage)
         record = probe.probe(job.calibration, loss_fn_for(job.calibration), round_.sparsity,
                              cfg.num_batches, cfg.reduction_factor, verbose=not self.bar.disable,
                              oversample=round_.oversample, allocation=_allocation(cfg),
                              hessians=cfg.reconstruct or cfg.mode == "sparsegpt")
-        before = before or {n: torch.zeros_like(layer.tentative) for n, layer in record.layers.items()}
         if round_.count == 1:
             options = dict(mode=cfg.mode, gradient_threshold=cfg.gradient_threshold, target_scope=cfg.target_scope,
                            # prune.veto ranks target/sparsegpt candidates; threshold mode decides by the probe
@@ -167,12 +168,15 @@ class StageLoop:
             else:
                 masks = probe.decide(record, cfg.sparsity, **options)
         else:
+            before = before or _nothing_pruned(record)
             order, vetoes = probe.target_order(
                 record, gradient_threshold=cfg.gradient_threshold, veto=cfg.veto != "none",
                 veto_fraction=cfg.fraction_vetoed) \
                 if cfg.mode == "target" else (None, None)
             masks = probe.apply_masks(record, round_masks(backend, record, before, round_.sparsity, cfg.mode,
                                                           cfg.gradient_threshold, cfg.target_scope, order, vetoes))
+        # made only now, in one round: one byte per weight not held through the decision
+        before = before or _nothing_pruned(record)
         # SparseGPT may prune weights the strategy never proposed: count only the candidates
         decided = {n: m & record.layers[n].tentative for n, m in masks.items()} if cfg.mode == "sparsegpt" else masks
         counts = layer_counts(backend, record, before, decided)
@@ -228,6 +232,11 @@ def unprobed_counts(backend: Backend, stage: list[str], masks: dict[str, torch.T
 def _allocation(cfg: PruneConfig) -> Allocation | None:
     """The configured allocation, None when uniform."""
     return cfg.allocation if cfg.allocation.kind != "uniform" else None
+
+
+def _nothing_pruned(record: ProbeRecord) -> dict[str, torch.Tensor]:
+    """``before`` masks of a first round: no weight pruned yet."""
+    return {n: torch.zeros_like(layer.tentative) for n, layer in record.layers.items()}
 
 
 def _check_agrees(ckpt, name: str, full: torch.Tensor) -> None:

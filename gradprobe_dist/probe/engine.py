@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from gradprobe_dist.checkpoint.masks import pack_mask, unpack_mask
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.probe import stats as statistics
 from gradprobe_dist.probe.batches import LossOfBatch, to_device
@@ -125,13 +126,23 @@ class ProbeEngine:
         """Scale the ``tentative`` weights by ``reduction_factor``, replay the batches, restore
         every weight; returns each layer's old and new statistic (and signed mean gradients
         when the baseline has them) at its tentative positions, and the pass's mean loss.
-        The baseline's full-size statistics are consumed (kept only at the candidates)."""
+        The baseline's full-size statistics are consumed (kept only at the candidates), and so
+        is ``tentative`` (emptied): its masks move into the records, and wait packed one bit
+        per weight while the batches run (a bool mask is a byte per weight whatever the dtype)."""
         signed = bool(baseline.signed)  # before scaling, which consumes the baseline
         layers = self._scale_selected(tentative, baseline, reduction_factor)
+        tentative.clear()
+        waiting = {n: (pack_mask(layer.tentative.cpu()), list(layer.tentative.shape), layer.tentative.device)
+                   for n, layer in layers.items()}
+        for layer in layers.values():
+            layer.tentative = None
         try:
             with self.prefix.replaying():
                 reduced = self.gradient_pass(batches, loss_of, "reduced", verbose, signed=signed)
         finally:
+            for name, layer in layers.items():
+                bits, shape, device = waiting.pop(name)
+                layer.tentative = unpack_mask(bits, shape).to(device)
             self.restore(layers)
         for name, layer in layers.items():
             at = layer.tentative.to(self._stat_device(name))

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from gradprobe_dist.checkpoint.masks import pack_mask, unpack_mask
 from gradprobe_dist.masking import MaskHooks, keep_pruned
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.parallel.local import LocalBackend
@@ -342,12 +343,25 @@ def _guarded(probe: GradProbe, record: ProbeRecord, sparsity: float, batches: li
     options.pop("veto", None)
     check_guard(mode, probe.strategy.get_name(), isinstance(probe.strategy, ScoredStrategy), record.nm)
     updates_weights = mode == "sparsegpt" or options.get("reconstruct", False)
+
+    def decide_packed(veto: bool) -> Decision:
+        """A decision whose masks wait packed, one bit per weight on the CPU, while the guard
+        scores both: a bool mask is one byte per weight whatever the model's dtype."""
+        decision = _decide(probe, record, sparsity, mode=mode, veto=veto, **options)
+        probe.masks = {}  # its bool copy: the kept decision's is set once the guard is done
+        return dataclasses.replace(decision, masks={n: (pack_mask(m.cpu()), m.shape, m.device)
+                                                    for n, m in decision.masks.items()})
+
+    def unpacked(decision: Decision) -> Decision:
+        return dataclasses.replace(decision, masks={n: unpack_mask(bits, list(shape)).to(device)
+                                                    for n, (bits, shape, device) in decision.masks.items()})
+
     kept, probe.guard_report = guarded(
-        probe.engine, record.layers, batches, loss_of,
-        lambda veto: _decide(probe, record, sparsity, mode=mode, veto=veto, **options),
-        None if updates_weights else lambda vetoed: probe.engine.apply_masks(record.layers, vetoed.masks),
+        probe.engine, record.layers, batches, loss_of, decide_packed,
+        None if updates_weights else lambda vetoed: probe.engine.apply_masks(record.layers, unpacked(vetoed).masks),
         probe_label="probe threshold" if mode == "threshold" else "probe veto",
         release=None if keep_hessians else lambda: setattr(record, "hessians", None))
+    kept = unpacked(kept)
     probe.masks, probe.equivalent_threshold = kept.masks, kept.equivalent_threshold
     if probe.backend.is_main:
         log.info("guard (rank 0): calibration loss %.5f with the probe, %.5f without (standard error of "

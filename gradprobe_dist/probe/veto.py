@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from gradprobe_dist.parallel.base import Backend
+from gradprobe_dist.parallel.select import selection_groups
 from gradprobe_dist.probe.record import LayerProbe, ProbeRecord, prune_decision
 from gradprobe_dist.probe.validation import is_number
 from gradprobe_dist.reconstruct.layers import sparsegpt_masks
@@ -48,12 +49,17 @@ def probe_vetoes(backend: Backend, record: ProbeRecord, gradient_threshold: floa
         return {n: layer.expand(~prune_decision(layer.old, layer.new, gradient_threshold))
                 for n, layer in record.layers.items()}
     names = list(record.layers)
-    candidates = backend.sum_over_shards(torch.tensor(
-        [float(record.layers[n].tentative.count_nonzero()) for n in names], dtype=torch.float64))
-    highest_first = [-score(record.layers[n]).clamp(min=-_FLOAT_MAX, max=_FLOAT_MAX) for n in names]
-    picked = backend.select_smallest_each(highest_first, [count_to_select(int(c), fraction)
-                                                          for c in candidates.tolist()])
-    return {n: record.layers[n].expand(p) for n, p in zip(names, picked)}
+    candidates = [int(c) for c in backend.sum_over_shards(torch.tensor(
+        [float(record.layers[n].tentative.count_nonzero()) for n in names], dtype=torch.float64)).tolist()]
+    vetoes = {}
+    # group by group (the same groups on every rank): the float32 scores of all candidates at
+    # once were the job's peak memory in bfloat16
+    for group in selection_groups(candidates):
+        highest_first = [-score(record.layers[names[i]]).clamp(min=-_FLOAT_MAX, max=_FLOAT_MAX) for i in group]
+        picked = backend.select_smallest_each(highest_first, [count_to_select(candidates[i], fraction)
+                                                              for i in group])
+        vetoes.update({names[i]: record.layers[names[i]].expand(p) for i, p in zip(group, picked)})
+    return {n: vetoes[n] for n in names}
 
 
 def sparsegpt_with_veto(backend: Backend, record: ProbeRecord, sparsity: float, gradient_threshold: float,
@@ -66,6 +72,7 @@ def sparsegpt_with_veto(backend: Backend, record: ProbeRecord, sparsity: float, 
     if missing:
         raise ValueError(f"mode='sparsegpt' needs the input Hessian of every probed layer "
                          f"(probe(..., hessians=True), Linear layers only); {missing[0]!r} has none")
-    vetoes = probe_vetoes(backend, record, gradient_threshold, fraction) if veto else None
-    return sparsegpt_masks(backend, record.hessians, sparsity, nm=record.nm, vetoes=vetoes,
+    # handed over without a name here, so the sweep frees each veto once its layer is done
+    return sparsegpt_masks(backend, record.hessians, sparsity, nm=record.nm,
+                           vetoes=probe_vetoes(backend, record, gradient_threshold, fraction) if veto else None,
                            transposed=record.transposed)

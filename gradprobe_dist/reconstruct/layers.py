@@ -64,9 +64,11 @@ def sparsegpt_masks(backend: Backend, hessians: Hessians | Mapping[str, torch.Te
     and write the updated weights back; returns the local masks (True = pruned).
 
     ``vetoes``: per weight, a local bool mask of the weights to keep unless the quota needs
-    them (see ``sparsegpt.py``). A collective: every rank passes the same names.
+    them (see ``sparsegpt.py``); each is let go once its layer is pruned, so a caller that
+    keeps no other reference frees them as the sweep goes. A collective: every rank passes
+    the same names.
     """
-    vetoes = vetoes or {}
+    vetoes = dict(vetoes or {})
     hessians = as_hessians(hessians)
     hessians.invert(percdamp)  # each matrix factored once, on its owner
     names = list(hessians)  # sorted: the same order on every rank
@@ -85,9 +87,10 @@ def sparsegpt_masks(backend: Backend, hessians: Hessians | Mapping[str, torch.Te
             for n, w, (new, mask) in zip(chunk, weights, results):
                 w.copy_(as_rows(new, n in transposed).reshape(w.shape))
                 masks[n] = as_rows(mask, n in transposed).reshape(w.shape)
+                vetoes.pop(n, None)
     for n in (n for n in names if n not in masks):
         weight = backend.local_weight(n)
-        local = [weight] + ([vetoes[n]] if n in vetoes else [])
+        local = [weight] + ([vetoes.pop(n)] if n in vetoes else [])
         (H,) = hessians.fetch([n])
 
         def prune(w, veto=None, H=H):
