@@ -53,7 +53,7 @@ def probe_vetoes(backend: Backend, record: ProbeRecord, gradient_threshold: floa
         [float(record.layers[n].tentative.count_nonzero()) for n in names], dtype=torch.float64)).tolist()]
     vetoes = {}
     # group by group (the same groups on every rank): the float32 scores of all candidates at
-    # once were the job's peak memory in bfloat16
+    # once were one of the whole job's highest points of memory in bfloat16
     for group in selection_groups(candidates):
         highest_first = [-score(record.layers[names[i]]).clamp(min=-_FLOAT_MAX, max=_FLOAT_MAX) for i in group]
         picked = backend.select_smallest_each(highest_first, [count_to_select(candidates[i], fraction)
