@@ -146,8 +146,8 @@ def test_decided_ratios_are_made_one_layer_at_a_time_when_asked(monkeypatch):
     record = probe.probe(batches, LOSS, 0.5, 3, 0.1)
     g = torch.Generator().manual_seed(3)
     before = {n: torch.rand(l.tentative.shape, generator=g) < 0.3 for n, l in record.layers.items()}
-    made = []
-    monkeypatch.setattr(rounds, "ratio_tensor", lambda layer: made.append(layer) or ratio_tensors_of(layer))
+    made, make = [], rounds.ratio_tensor
+    monkeypatch.setattr(rounds, "ratio_tensor", lambda layer: made.append(layer) or make(layer))
     calls = rounds.decided_ratios(record, before)
     assert made == [] and set(calls) == set(record.layers)  # nothing made until a layer is saved
     for count, (name, call) in enumerate(calls.items(), start=1):
@@ -156,9 +156,3 @@ def test_decided_ratios_are_made_one_layer_at_a_time_when_asked(monkeypatch):
         expected = ratio_tensors(record)[name].masked_fill(before[name], float("nan"))
         assert torch.equal(ratio.isnan(), expected.isnan())
         assert torch.equal(ratio[~ratio.isnan()], expected[~expected.isnan()])
-
-
-def ratio_tensors_of(layer):
-    from gradprobe_dist.pipeline.plots import ratio_tensor
-
-    return ratio_tensor(layer)

@@ -455,7 +455,7 @@ def test_the_guard_scores_with_both_decisions_masks_packed_and_returns_bool_mask
         losses = engine.calibration_losses
 
         def scoring(*args):
-            seen.append((probe.masks, [(m[0].dtype, m[0].numel() == -(-m[1].numel() // 8))
+            seen.append((probe.masks, [(m[0].dtype, m[0].numel() == -(-torch.Size(m[1]).numel() // 8))
                                        for d in decisions for m in d.masks.values()]))
             return losses(*args)
 

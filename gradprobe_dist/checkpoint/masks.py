@@ -41,6 +41,17 @@ def unpack_mask(bits: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return torch.from_numpy(flat).reshape(shape)
 
 
+def pack_local(mask: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.device]:
+    """A mask set aside at one bit per weight on the CPU (a bool mask is a byte per weight
+    whatever the model's dtype), with what ``unpack_local`` needs to give it back."""
+    return pack_mask(mask.cpu()), list(mask.shape), mask.device
+
+
+def unpack_local(packed: tuple[torch.Tensor, list[int], torch.device]) -> torch.Tensor:
+    bits, shape, device = packed
+    return unpack_mask(bits, shape).to(device)
+
+
 def encode_layer(name: str, mask: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> bytes:
     """The bytes of one layer file. Deterministic: safetensors writes a metadata dict in hash
     order, so the metadata is one key holding sorted JSON, and equal runs give equal bytes."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from gradprobe_dist.checkpoint.masks import pack_mask, unpack_mask
+from gradprobe_dist.checkpoint.masks import pack_local, unpack_local
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.probe import stats as statistics
 from gradprobe_dist.probe.batches import LossOfBatch, to_device
@@ -132,8 +132,7 @@ class ProbeEngine:
         signed = bool(baseline.signed)  # before scaling, which consumes the baseline
         layers = self._scale_selected(tentative, baseline, reduction_factor)
         tentative.clear()
-        waiting = {n: (pack_mask(layer.tentative.cpu()), list(layer.tentative.shape), layer.tentative.device)
-                   for n, layer in layers.items()}
+        waiting = {n: pack_local(layer.tentative) for n, layer in layers.items()}
         for layer in layers.values():
             layer.tentative = None
         try:
@@ -141,8 +140,7 @@ class ProbeEngine:
                 reduced = self.gradient_pass(batches, loss_of, "reduced", verbose, signed=signed)
         finally:
             for name, layer in layers.items():
-                bits, shape, device = waiting.pop(name)
-                layer.tentative = unpack_mask(bits, shape).to(device)
+                layer.tentative = unpack_local(waiting.pop(name))
             self.restore(layers)
         for name, layer in layers.items():
             at = layer.tentative.to(self._stat_device(name))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from gradprobe_dist.checkpoint.masks import pack_mask, unpack_mask
+from gradprobe_dist.checkpoint.masks import pack_local, unpack_local
 from gradprobe_dist.masking import MaskHooks, keep_pruned
 from gradprobe_dist.parallel.base import Backend
 from gradprobe_dist.parallel.local import LocalBackend
@@ -349,12 +349,10 @@ def _guarded(probe: GradProbe, record: ProbeRecord, sparsity: float, batches: li
         scores both: a bool mask is one byte per weight whatever the model's dtype."""
         decision = _decide(probe, record, sparsity, mode=mode, veto=veto, **options)
         probe.masks = {}  # its bool copy: the kept decision's is set once the guard is done
-        return dataclasses.replace(decision, masks={n: (pack_mask(m.cpu()), m.shape, m.device)
-                                                    for n, m in decision.masks.items()})
+        return dataclasses.replace(decision, masks={n: pack_local(m) for n, m in decision.masks.items()})
 
     def unpacked(decision: Decision) -> Decision:
-        return dataclasses.replace(decision, masks={n: unpack_mask(bits, list(shape)).to(device)
-                                                    for n, (bits, shape, device) in decision.masks.items()})
+        return dataclasses.replace(decision, masks={n: unpack_local(m) for n, m in decision.masks.items()})
 
     kept, probe.guard_report = guarded(
         probe.engine, record.layers, batches, loss_of, decide_packed,
